@@ -1,0 +1,220 @@
+"""Typed run configuration, loaded from PILOT-style flat JSON.
+
+A config file is one flat JSON object, as in LAMDA-PILOT's ``exps/*.json``. Its keys are split
+between :class:`ExperimentConfig` (what every run has: data, stream, backbone, seeds, outputs) and
+the learner's own dataclass (its hyperparameters, with the method's published defaults), chosen by
+``model_name``. Unknown keys are errors naming the closest valid key; PILOT keys that mean nothing
+here are accepted with a single warning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from pilot.errors import PilotError
+
+# PILOT keys that have no meaning in this toolkit (exemplar memory, multi-GPU device lists,
+# model-file switches). Accepted so that PILOT configs load, with one warning.
+IGNORED_PILOT_KEYS = frozenset({
+    "memory_size", "memory_per_class", "fixed_memory", "get_original_backbone", "model_postfix",
+    "freeze", "global_pool", "head_type", "drop", "drop_path", "use_simplecil", "vpt_type",
+    "prompt_token_num", "tuned_epoch", "init_lr", "weight_decay", "min_lr", "optimizer",
+    "scheduler", "reinit_optimizer",
+})
+
+
+@dataclass
+class ExperimentConfig:
+    """Keys shared by every run. Names follow LAMDA-PILOT where the meaning is the same."""
+
+    model_name: str = "simplecil"
+    dataset: str = "cifar224"
+    prefix: str = ""
+    shuffle: bool = True
+    init_cls: int = 10
+    increment: int = 10
+    seed: list[int] = field(default_factory=lambda: [1993])
+    backbone_type: str = "vit_base_patch16_224.augreg_in21k_ft_in1k"
+    # Extra timm.create_model arguments (e.g. a small img_size/depth for tests).
+    backbone_args: dict = field(default_factory=dict)
+    # Weights: true = the model's hub weights; false = random init (tests).
+    pretrained: bool = True
+    # A local weights file (timm: .safetensors/.pth/.bin; open_clip: its checkpoint). Offline use.
+    pretrained_path: Optional[str] = None
+    # Where datasets live; CIFAR may be the folder holding cifar-100-python[.tar.gz].
+    data_path: str = field(default_factory=lambda: os.environ.get("PILOT_DATA_DIR", "./data"))
+    # Local weights looked up before the hub: <weights_dir>/<model name>.safetensors (or .pth, .bin).
+    weights_dir: str = field(default_factory=lambda: os.environ.get("PILOT_WEIGHTS_DIR", "./weights"))
+    # Download missing data (CIFAR through torchvision) when online.
+    download: bool = True
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    num_workers: int = 0
+    device: list[str] = field(default_factory=lambda: ["cpu"])
+    # Quick runs: keep the first N train / M test images of each class (dataset order); 0 = all.
+    train_per_class: int = 0
+    test_per_class: int = 0
+    # Stop after this many tasks; 0 = all.
+    max_tasks: int = 0
+    # Synthetic dataset size (tests): classes, images per class, image side.
+    synthetic_classes: int = 10
+    synthetic_per_class: int = 8
+    synthetic_image_size: int = 32
+    # Optional on-disk cache of frozen-backbone features; empty = in memory only.
+    feature_cache_dir: str = ""
+    log_dir: str = "logs"
+    # bf16 autocast for training and inference on CUDA (ignored on the CPU, where it is slower).
+    mixed_precision: bool = False
+    progress: bool = True
+
+
+@dataclass
+class LearnerConfig:
+    """Base of every learner's hyperparameter dataclass (one per learner, published defaults)."""
+
+
+@dataclass
+class RunConfig:
+    experiment: ExperimentConfig
+    learner: LearnerConfig
+    ignored_keys: list[str] = field(default_factory=list)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        flat = dataclasses.asdict(self.experiment)
+        flat.update(dataclasses.asdict(self.learner))
+        return flat
+
+    def for_seed(self, seed: int) -> "RunConfig":
+        """The config of one seed's run (``seed`` stays a list, of that one seed)."""
+        experiment = dataclasses.replace(self.experiment, seed=[seed])
+        return RunConfig(experiment, self.learner, list(self.ignored_keys))
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (int -> float only)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return coerce(key, value, next(a for a in args if a is not type(None)))
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]  # PILOT writes "seed": 1993 as often as [1993]
+        return [coerce(key, item, args[0]) for item in value]
+    if tp is dict and isinstance(value, dict):
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and key == "device":
+        return str(value)
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise PilotError(
+        f"Config key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}. "
+        f"Fix its value in the JSON file or in --set {key}=..."
+    )
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    types = field_types(cls)
+    return cls(**{k: coerce(k, v, types[k]) for k, v in values.items()})
+
+
+def _validate_experiment(exp: ExperimentConfig) -> None:
+    if exp.init_cls < 1:
+        raise PilotError(f"init_cls must be at least 1 (got {exp.init_cls}): it is the number of classes in the first task.")
+    if exp.increment < 1:
+        raise PilotError(f"increment must be at least 1 (got {exp.increment}): it is the number of new classes per task after the first.")
+    if not exp.seed:
+        raise PilotError("seed must list at least one seed, e.g. \"seed\": [1993].")
+    for key in ("batch_size", "eval_batch_size"):
+        if getattr(exp, key) < 1:
+            raise PilotError(f"{key} must be at least 1 (got {getattr(exp, key)}).")
+    for key in ("train_per_class", "test_per_class", "max_tasks", "num_workers"):
+        if getattr(exp, key) < 0:
+            raise PilotError(f"{key} must be 0 (no limit) or positive (got {getattr(exp, key)}).")
+
+
+def build_config(raw: dict[str, Any]) -> RunConfig:
+    """Validate a flat PILOT-style dict and split it into experiment and learner configs."""
+    from pilot.learners import learner_class, learner_names
+
+    model_name = raw.get("model_name", ExperimentConfig.model_name)
+    if not isinstance(model_name, str):
+        raise PilotError(f"Config key 'model_name' must be a string naming a learner; known: {', '.join(learner_names())}.")
+    learner_cls = learner_class(model_name)
+    exp_keys = set(field_types(ExperimentConfig))
+    learner_keys = set(field_types(learner_cls.config_class))
+    valid = exp_keys | learner_keys
+    ignored, exp_values, learner_values = [], {}, {}
+    for key, value in raw.items():
+        if key in learner_keys:
+            learner_values[key] = value
+        elif key in exp_keys:
+            exp_values[key] = value
+        elif key in IGNORED_PILOT_KEYS:
+            ignored.append(key)
+        else:
+            close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise PilotError(
+                f"Unknown config key '{key}' for learner '{model_name}'.{hint} "
+                f"Valid keys: {', '.join(sorted(valid))}."
+            )
+    if ignored:
+        warnings.warn(
+            f"Ignoring PILOT config keys that have no meaning for '{model_name}' here: "
+            f"{', '.join(sorted(ignored))}.", stacklevel=2,
+        )
+    experiment = _build(ExperimentConfig, exp_values)
+    _validate_experiment(experiment)
+    learner = _build(learner_cls.config_class, learner_values)
+    learner_cls.validate_config(learner)
+    return RunConfig(experiment, learner, sorted(ignored))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` from ``--set``; the value is JSON when it parses as JSON, else a string."""
+    if "=" not in text:
+        raise PilotError(f"--set expects key=value, got '{text}'.")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise PilotError(f"Config file '{path}' does not exist. Pass an existing JSON file, e.g. --config exps/simplecil.json.")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise PilotError(f"Config file '{path}' is not valid JSON: {err}.") from None
+    if not isinstance(raw, dict):
+        raise PilotError(f"Config file '{path}' must hold one JSON object of key/value pairs.")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    raw = load_raw(path)
+    raw.update(parse_override(text) for text in overrides)
+    return build_config(raw)

@@ -1,0 +1,222 @@
+"""Datasets: CIFAR-100 from the official pickle layout, PILOT's image folders, synthetic images.
+
+Each loader returns a :class:`SourceDataset`: train and test :class:`ImageSet` with labels in the
+dataset's own class indices (the task stream reorders classes afterwards).
+"""
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Union
+
+import numpy as np
+from PIL import Image
+
+from pilot.errors import PilotError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+@dataclass
+class ImageSet:
+    """Images (uint8 HxWx3 array or file paths) with integer labels, in dataset order."""
+
+    images: Union[np.ndarray, list[str]]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> Image.Image:
+        item = self.images[index]
+        if isinstance(item, str):
+            with Image.open(item) as image:
+                return image.convert("RGB")
+        return Image.fromarray(item)
+
+
+@dataclass
+class SourceDataset:
+    name: str
+    train: ImageSet
+    test: ImageSet
+    class_names: list[str]
+    # False for native low-resolution sets (cifar100) fed to a model at their own size.
+    resize_to_model: bool = True
+    # Identifies the files read, for the feature cache key.
+    fingerprint: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+# ---------------------------------------------------------------------------------- CIFAR-100
+
+CIFAR_HELP = (
+    "Put the official CIFAR-100 python release there: the folder 'cifar-100-python' (with train, "
+    "test, meta) or the archive 'cifar-100-python.tar.gz' from https://www.cs.toronto.edu/~kriz/"
+    "cifar.html, or set data_path to the folder or archive, or set \"download\": true on a machine "
+    "with internet."
+)
+
+
+def _cifar_candidates(root: Path) -> list[Path]:
+    return [root, root / "cifar-100-python", root / "cifar-100-python.tar.gz"]
+
+
+def _find_cifar(root: Path) -> Path | None:
+    for candidate in _cifar_candidates(root):
+        if candidate.is_dir() and (candidate / "train").is_file():
+            return candidate
+        if candidate.is_file() and candidate.name.endswith((".tar.gz", ".tgz")):
+            return candidate
+    return None
+
+
+def _download_cifar(root: Path) -> None:
+    from torchvision.datasets import CIFAR100
+
+    try:
+        CIFAR100(str(root), train=True, download=True)
+    except Exception as err:  # network errors come in many types
+        raise PilotError(
+            f"CIFAR-100 was not found under '{root}' and downloading it failed ({type(err).__name__}: "
+            f"{err}). {CIFAR_HELP}"
+        ) from None
+
+
+def _unpickle(read: Callable[[str], bytes], member: str, origin: Path) -> dict:
+    try:
+        return pickle.load(io.BytesIO(read(member)), encoding="latin1")
+    except (KeyError, FileNotFoundError):
+        raise PilotError(f"'{origin}' has no '{member}' file: it is not the CIFAR-100 python release. {CIFAR_HELP}") from None
+    except Exception as err:
+        raise PilotError(
+            f"Could not read '{member}' from '{origin}' ({type(err).__name__}: {err}): the file is "
+            f"corrupt or truncated. Delete it and download CIFAR-100 again. {CIFAR_HELP}"
+        ) from None
+
+
+def _cifar_reader(location: Path) -> Callable[[str], bytes]:
+    if location.is_dir():
+        return lambda member: (location / member).read_bytes()
+    try:
+        archive = tarfile.open(location, "r:gz")
+        members = {Path(m.name).name: m for m in archive.getmembers() if m.isfile()}
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise PilotError(f"'{location}' is not a readable .tar.gz ({err}): delete it and download CIFAR-100 again. {CIFAR_HELP}") from None
+    return lambda member: archive.extractfile(members[member]).read()
+
+
+def _cifar_split(batch: dict, origin: Path, member: str) -> ImageSet:
+    try:
+        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        labels = np.asarray(batch["fine_labels"], dtype=np.int64)
+    except (KeyError, ValueError) as err:
+        raise PilotError(f"'{member}' in '{origin}' does not hold CIFAR-100 images and fine labels ({err}). {CIFAR_HELP}") from None
+    return ImageSet(np.ascontiguousarray(data), labels)
+
+
+def load_cifar100(data_path: str, download: bool, name: str) -> SourceDataset:
+    root = Path(data_path).expanduser()
+    location = _find_cifar(root)
+    if location is None and download:
+        _download_cifar(root)
+        location = _find_cifar(root)
+    if location is None:
+        looked = ", ".join(f"'{c}'" for c in _cifar_candidates(root))
+        raise PilotError(f"CIFAR-100 not found: looked at {looked}. {CIFAR_HELP}")
+    read = _cifar_reader(location)
+    meta = _unpickle(read, "meta", location)
+    train = _cifar_split(_unpickle(read, "train", location), location, "train")
+    test = _cifar_split(_unpickle(read, "test", location), location, "test")
+    stat = location.stat()
+    return SourceDataset(
+        name=name, train=train, test=test, class_names=list(meta["fine_label_names"]),
+        resize_to_model=(name != "cifar100"),
+        fingerprint=f"{location.resolve()}:{stat.st_size}:{int(stat.st_mtime)}",
+    )
+
+
+# ------------------------------------------------------------------------------ image folders
+
+# PILOT's folder names under data_path: <data_path>/<folder>/{train,test}/<class>/<image>.
+FOLDER_DATASETS = {
+    "imagenetr": "imagenet-r",
+    "imageneta": "imagenet-a",
+    "cub": "cub",
+    "objectnet": "objectnet",
+    "omnibenchmark": "omnibenchmark",
+    "vtab": "vtab",
+    "folder": "",  # generic: data_path itself holds train/ and test/
+}
+
+
+def _scan_folder(split_dir: Path, class_names: list[str]) -> ImageSet:
+    paths, labels = [], []
+    for label, class_name in enumerate(class_names):
+        class_dir = split_dir / class_name
+        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if class_dir.is_dir() else []
+        paths += [str(p) for p in files]
+        labels += [label] * len(files)
+    return ImageSet(paths, np.asarray(labels, dtype=np.int64))
+
+
+def load_folder(data_path: str, name: str) -> SourceDataset:
+    root = Path(data_path).expanduser() / FOLDER_DATASETS[name]
+    train_dir, test_dir = root / "train", root / "test"
+    if not (train_dir.is_dir() and test_dir.is_dir()):
+        raise PilotError(
+            f"Dataset '{name}' not found: expected the folders '{train_dir}' and '{test_dir}', each "
+            f"with one sub-folder of images per class (PILOT's layout). Download the dataset (see "
+            f"the README's dataset table) and set data_path to the folder that holds "
+            f"'{FOLDER_DATASETS[name] or 'train/ and test/'}'."
+        )
+    class_names = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not class_names:
+        raise PilotError(f"'{train_dir}' has no class sub-folders: expected <class>/<image> inside it.")
+    train, test = _scan_folder(train_dir, class_names), _scan_folder(test_dir, class_names)
+    if len(train) == 0 or len(test) == 0:
+        raise PilotError(f"Dataset '{name}' under '{root}' has no images in train/ or test/ (suffixes {', '.join(IMAGE_SUFFIXES)}).")
+    return SourceDataset(name=name, train=train, test=test, class_names=class_names,
+                         fingerprint=f"{root.resolve()}:{len(train)}:{len(test)}")
+
+
+# -------------------------------------------------------------------------------- synthetic
+
+def make_synthetic(num_classes: int, per_class: int, size: int, seed: int = 0) -> SourceDataset:
+    """Learnable random images: each class is a fixed colour pattern plus per-image noise."""
+    rng = np.random.RandomState(seed)
+    patterns = rng.uniform(0, 255, size=(num_classes, 4, 4, 3))
+
+    def split(count: int) -> ImageSet:
+        base = np.repeat(np.repeat(patterns, size // 4, axis=1), size // 4, axis=2)
+        images = base[:, None] + rng.normal(0, 40, size=(num_classes, count, size, size, 3))
+        labels = np.repeat(np.arange(num_classes), count)
+        return ImageSet(np.clip(images, 0, 255).astype(np.uint8).reshape(-1, size, size, 3), labels)
+
+    train, test = split(per_class), split(max(per_class // 2, 1))
+    return SourceDataset(
+        name="synthetic", train=train, test=test, class_names=[f"class_{i}" for i in range(num_classes)],
+        fingerprint=f"synthetic:{num_classes}:{per_class}:{size}:{seed}",
+    )
+
+
+DATASETS = ("cifar100", "cifar224", "synthetic", *FOLDER_DATASETS)
+
+
+def load_dataset(experiment) -> SourceDataset:
+    """The dataset named by ``experiment.dataset`` (an :class:`ExperimentConfig`)."""
+    name = experiment.dataset
+    if name in ("cifar100", "cifar224"):
+        return load_cifar100(experiment.data_path, experiment.download, name)
+    if name in FOLDER_DATASETS:
+        return load_folder(experiment.data_path, name)
+    if name == "synthetic":
+        return make_synthetic(experiment.synthetic_classes, experiment.synthetic_per_class,
+                              experiment.synthetic_image_size)
+    raise PilotError(f"Unknown dataset '{name}'. Known datasets: {', '.join(DATASETS)}.")

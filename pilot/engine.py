@@ -1,0 +1,311 @@
+"""The one task-stream loop shared by every learner: build, fit task by task, evaluate, record,
+checkpoint; resume from the last checkpoint."""
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import random
+import resource
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from pilot import __version__
+from pilot.backbones import Backbone, create_backbone
+from pilot.config import ExperimentConfig, RunConfig
+from pilot.data import SourceDataset, Split, TaskStream, eval_transform, load_dataset, train_transform
+from pilot.data.loader import make_loader
+from pilot.errors import PilotError
+from pilot.features import FeatureStore
+from pilot.learners import learner_class
+from pilot.metrics import AccuracyMatrix
+from pilot.outputs import (TensorBoardScalars, atomic_torch_save, close_log, open_log, write_csv,
+                           write_json)
+
+# Keys that change how a run is shown or stored, not what it computes: resume may differ in them.
+RESUME_FREE_KEYS = frozenset({"progress", "log_dir", "feature_cache_dir", "num_workers", "download", "data_path",
+                              "weights_dir", "pretrained_path"})
+
+
+def resolve_device(requested: list[str]) -> torch.device:
+    """PILOT writes GPU ids ("0"); "cpu" or "-1" mean the CPU. No CUDA: fall back with a warning."""
+    name = str(requested[0]) if requested else "cpu"
+    if name in ("cpu", "-1"):
+        return torch.device("cpu")
+    if name.isdigit():
+        name = f"cuda:{name}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn(f"device '{requested[0]}' asks for CUDA, which is not available: running on the CPU.", stacklevel=2)
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise PilotError(f"Unknown device '{requested[0]}': use \"cpu\", a GPU id like \"0\", or \"cuda:0\".") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "generator": generator.get_state()}
+
+
+def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["generator"])
+
+
+@dataclass
+class RunContext:
+    """What a learner may use: the backbone, data, device, loaders, frozen features, randomness."""
+
+    experiment: ExperimentConfig
+    backbone: Backbone
+    dataset: SourceDataset
+    stream: TaskStream
+    device: torch.device
+    generator: torch.Generator
+    features: FeatureStore
+    log: Any
+
+    @property
+    def eval_transform(self):
+        return eval_transform(self.backbone.data_config, self.dataset.resize_to_model)
+
+    def train_transform(self, crop_scale: tuple[float, float] = (0.05, 1.0)):
+        return train_transform(self.backbone.data_config, self.dataset.resize_to_model, crop_scale)
+
+    def loader(self, split: Split, train: bool, batch_size: Optional[int] = None, transform=None):
+        """Training loaders shuffle with the run's generator and augment; eval loaders do neither and
+        leave every generator untouched (so evaluation never changes what training draws next)."""
+        exp = self.experiment
+        if transform is None:
+            transform = self.train_transform() if train else self.eval_transform
+        return make_loader(split, transform, batch_size or (exp.batch_size if train else exp.eval_batch_size),
+                           shuffle=train, num_workers=exp.num_workers,
+                           generator=self.generator if train else torch.Generator())
+
+    def autocast(self):
+        """bf16 autocast on CUDA when ``mixed_precision`` is set; a no-op otherwise."""
+        if self.experiment.mixed_precision and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def run_directory(experiment: ExperimentConfig, seed: int) -> Path:
+    """PILOT's layout: <log_dir>/<model>/<dataset>/<B>/<increment>/<prefix>_<seed>_<backbone>."""
+    base = 0 if experiment.init_cls == experiment.increment else experiment.init_cls
+    backbone = experiment.backbone_type.replace("/", "-").replace(":", "-")
+    prefix = experiment.prefix.strip()
+    name = f"{prefix}_{seed}_{backbone}" if prefix else f"{seed}_{backbone}"
+    return Path(experiment.log_dir) / experiment.model_name / experiment.dataset / str(base) / str(experiment.increment) / name
+
+
+def check_run_directory(run_dir: Path, resume: bool) -> None:
+    """Refuse to overwrite an unfinished run unless resuming; resuming nothing starts afresh."""
+    unfinished = (run_dir / "checkpoint.pt").is_file() and not _is_complete(run_dir)
+    if unfinished and not resume:
+        raise PilotError(
+            f"'{run_dir}' holds the checkpoint of an unfinished run. Continue it with --resume, "
+            f"or delete that folder (or set another \"prefix\") to start over."
+        )
+    if resume and not (run_dir / "checkpoint.pt").is_file():
+        warnings.warn(f"--resume: no checkpoint in '{run_dir}', starting that run from the first task.", stacklevel=2)
+
+
+def _is_complete(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "results.json").read_text())["status"] == "complete"
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def config_for_resume(config: RunConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.to_flat_dict().items() if k not in RESUME_FREE_KEYS}
+
+
+def versions() -> dict[str, str]:
+    found = {"pilot": __version__, "python": platform.python_version(), "torch": torch.__version__,
+             "numpy": np.__version__}
+    for module in ("timm", "open_clip", "torchvision"):
+        with contextlib.suppress(ImportError):
+            found[module] = __import__(module).__version__
+    return found
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    peak = {"host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        peak["cuda_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
+
+
+def build_feature_store(experiment: ExperimentConfig, backbone: Backbone, dataset: SourceDataset,
+                        device: torch.device, autocast) -> FeatureStore:
+    transform = eval_transform(backbone.data_config, dataset.resize_to_model)
+
+    @torch.no_grad()
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        backbone.eval()
+        with autocast():
+            return backbone(images.to(device))
+
+    key = f"{backbone.identity}|{transform}|{dataset.name}|{dataset.fingerprint}"
+    return FeatureStore(encode, transform, key, experiment.eval_batch_size, experiment.num_workers,
+                        experiment.feature_cache_dir or None, experiment.progress)
+
+
+class Run:
+    """One seed's run: everything is built and checked before anything is written."""
+
+    def __init__(self, config: RunConfig, resume: bool = False):
+        self.config = config
+        exp = config.experiment
+        self.seed = exp.seed[0]
+        seed_everything(self.seed)
+        self.device = resolve_device(exp.device)
+        self.dataset = load_dataset(exp)
+        self.stream = TaskStream(self.dataset, exp.init_cls, exp.increment, exp.shuffle, self.seed,
+                                 exp.train_per_class, exp.test_per_class, exp.max_tasks)
+        backbone = create_backbone(exp.backbone_type, exp.pretrained, exp.pretrained_path, exp.weights_dir,
+                                   self.seed, **exp.backbone_args)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.ctx = RunContext(exp, backbone.to(self.device), self.dataset, self.stream, self.device,
+                              self.generator, features=None, log=None)
+        self.ctx.features = build_feature_store(exp, self.ctx.backbone, self.dataset, self.device, self.ctx.autocast)
+        self.learner = learner_class(exp.model_name)(config.learner, self.ctx)
+        self.run_dir = run_directory(exp, self.seed)
+        self.checkpoint_path = self.run_dir / "checkpoint.pt"
+        self.matrix = AccuracyMatrix()
+        self.rows: list[dict] = []
+        self.start_task = self._resume() if resume and self.checkpoint_path.is_file() else 0
+
+    def _resume(self) -> int:
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        current = config_for_resume(self.config)
+        saved = state["config"]
+        changed = sorted(k for k in set(current) | set(saved) if current.get(k) != saved.get(k))
+        if changed:
+            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in changed)
+            raise PilotError(
+                f"Cannot resume '{self.run_dir}': the config differs from the checkpoint's ({details}). "
+                f"Resume with the same config, or start a new run without --resume."
+            )
+        self.learner.load_state_dict(state["learner"])
+        restore_rng_state(state["rng"], self.generator)
+        self.matrix = AccuracyMatrix(**state["metrics"])
+        self.rows = state["rows"]
+        return state["completed_tasks"]
+
+    def execute(self) -> dict[str, Any]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = self.ctx.log = open_log(self.run_dir, str(self.run_dir))
+        scalars = TensorBoardScalars(self.run_dir)
+        try:
+            if self.start_task:
+                log.info(f"resuming after task {self.start_task} of {len(self.stream)}")
+            log.info(f"run {self.run_dir}: {self.config.experiment.model_name} on {self.dataset.name}, "
+                     f"{len(self.stream)} tasks {self.stream.sizes}, seed {self.seed}, device {self.device}")
+            for task in self.stream.tasks[self.start_task:]:
+                self._step(task, log, scalars)
+            return self._write_results(complete=True)
+        finally:
+            scalars.close()
+            close_log(log)
+
+    def _step(self, task, log, scalars) -> None:
+        started = time.perf_counter()
+        self.learner.fit(task)
+        trained = time.perf_counter()
+        correct, total = self._evaluate(task.index)
+        evaluated = time.perf_counter()
+        self.matrix.add_step(correct, total)
+        summary = self.matrix.step_summary(task.index)
+        row = {"task": task.index, "classes_seen": task.num_seen, **summary,
+               "train_seconds": trained - started, "eval_seconds": evaluated - trained}
+        self.rows.append(row)
+        log.info(f"task {task.index + 1}/{len(self.stream)} classes {task.num_seen}: accuracy {summary['accuracy']:.2f} "
+                 f"(old {summary['old_accuracy']:.2f}, new {summary['new_accuracy']:.2f}), "
+                 f"average {summary['average_incremental_accuracy']:.2f}, "
+                 f"train {row['train_seconds']:.1f}s eval {row['eval_seconds']:.1f}s")
+        scalars.add(task.num_seen, {f"accuracy/{k}": v for k, v in summary.items()})
+        atomic_torch_save({"config": config_for_resume(self.config), "completed_tasks": task.index + 1,
+                           "learner": self.learner.state_dict(), "rng": rng_state(self.generator),
+                           "metrics": self.matrix.to_dict(), "rows": self.rows}, self.checkpoint_path)
+        self._write_results(complete=task.index + 1 == len(self.stream))
+
+    def _evaluate(self, step: int) -> tuple[list[int], list[int]]:
+        correct, total = [], []
+        for task in self.stream.tasks[: step + 1]:
+            logits = self.learner.predict(task.test)
+            num_seen = self.stream.tasks[step].num_seen
+            if logits.shape != (len(task.test), num_seen):
+                raise RuntimeError(f"{type(self.learner).__name__}.predict returned logits of shape "
+                                   f"{tuple(logits.shape)}, expected ({len(task.test)}, {num_seen})")
+            labels = torch.as_tensor(task.test.labels)
+            correct.append(int((logits.argmax(1).cpu() == labels).sum()))
+            total.append(len(labels))
+        return correct, total
+
+    def _write_results(self, complete: bool) -> dict[str, Any]:
+        m = self.matrix
+        results = {
+            "status": "complete" if complete else "running",
+            "config": self.config.to_flat_dict(),
+            "ignored_keys": self.config.ignored_keys,
+            "seed": self.seed,
+            "versions": versions(),
+            "device": str(self.device),
+            "class_order": self.stream.order,
+            "task_sizes": self.stream.sizes,
+            "completed_tasks": m.num_steps,
+            "accuracy_curve": m.curve(),
+            "average_incremental_accuracy": m.average_incremental(),
+            "last_accuracy": m.last(),
+            "forgetting": m.forgetting(),
+            "backward_transfer": m.backward_transfer(),
+            "task_forgetting": m.task_forgetting(),
+            "accuracy_matrix": m.matrix().tolist(),
+            "counts": m.to_dict(),
+            "per_task": self.rows,
+            "timings": {"train_seconds": sum(r["train_seconds"] for r in self.rows),
+                        "eval_seconds": sum(r["eval_seconds"] for r in self.rows),
+                        "encoded_images": self.ctx.features.encoded_images},
+            "peak_memory": peak_memory_mb(self.device),
+        }
+        write_json(self.run_dir / "results.json", results)
+        write_csv(self.run_dir / "metrics.csv", self.rows)
+        return results
+
+
+def run_experiment(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
+    """One run per seed in ``config.experiment.seed``, each in its own directory."""
+    for seed in config.experiment.seed:
+        check_run_directory(run_directory(config.experiment, seed), resume)
+    results = []
+    for seed in config.experiment.seed:
+        run = Run(config.for_seed(seed), resume=resume)
+        results.append({"run_dir": str(run.run_dir), **run.execute()})
+    return results
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    curve = ", ".join(f"{a:.2f}" for a in result["accuracy_curve"])
+    return (f"{result['run_dir']}: average incremental accuracy {result['average_incremental_accuracy']:.2f}, "
+            f"last {result['last_accuracy']:.2f}, forgetting {result['forgetting']:.2f}; curve [{curve}]")
+

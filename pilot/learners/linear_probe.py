@@ -1,0 +1,63 @@
+"""A linear probe on frozen features: the smallest learner that trains (used in tests).
+
+Each task trains the new classes' rows of a linear head on that task's features, with the logits
+of earlier classes masked out (as prompt methods do); there is no replay, so it forgets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pilot.config import LearnerConfig
+from pilot.data.stream import Split, Task
+from pilot.errors import PilotError
+from pilot.learners import register_learner
+from pilot.learners.base import Learner
+
+
+@dataclass
+class LinearProbeConfig(LearnerConfig):
+    tuned_epoch: int = 10
+    init_lr: float = 0.001875
+    probe_batch_size: int = 16
+
+
+@register_learner("linear_probe")
+class LinearProbe(Learner):
+    config_class = LinearProbeConfig
+
+    def __init__(self, config: LinearProbeConfig, ctx):
+        super().__init__(config, ctx)
+        self.weight = torch.zeros(0, ctx.backbone.feature_dim)
+        self.bias = torch.zeros(0)
+
+    @classmethod
+    def validate_config(cls, config: LinearProbeConfig) -> None:
+        if config.tuned_epoch < 1 or config.probe_batch_size < 1 or config.init_lr <= 0:
+            raise PilotError("linear_probe needs tuned_epoch >= 1, probe_batch_size >= 1 and init_lr > 0.")
+
+    def fit(self, task: Task) -> None:
+        features = self.ctx.features(task.train)
+        labels = torch.as_tensor(task.train.labels) - task.num_old
+        head = torch.nn.Linear(features.shape[1], len(task.classes))
+        optimizer = torch.optim.Adam(head.parameters(), lr=self.config.init_lr)
+        for _ in range(self.config.tuned_epoch):
+            order = torch.randperm(len(labels), generator=self.ctx.generator)
+            for batch in order.split(self.config.probe_batch_size):
+                loss = F.cross_entropy(head(features[batch]), labels[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        self.weight = torch.cat([self.weight, head.weight.detach()])
+        self.bias = torch.cat([self.bias, head.bias.detach()])
+
+    def predict(self, split: Split) -> torch.Tensor:
+        return self.ctx.features(split) @ self.weight.T + self.bias
+
+    def state_dict(self):
+        return {"weight": self.weight, "bias": self.bias}
+
+    def load_state_dict(self, state):
+        self.weight, self.bias = state["weight"], state["bias"]

@@ -1,0 +1,139 @@
+"""The shared loop end to end on a tiny random ViT and synthetic images."""
+import json
+
+import pytest
+import torch
+
+from pilot import engine
+from pilot.cli import main
+from pilot.engine import Run, run_experiment
+
+from conftest import tiny_raw
+
+
+def only_result(config, resume=False):
+    (result,) = run_experiment(config, resume=resume)
+    return result
+
+
+def test_end_to_end_outputs(tiny_config):
+    result = only_result(tiny_config())
+    run_dir = engine.run_directory(tiny_config().experiment, 1)
+    assert result["status"] == "complete" and result["completed_tasks"] == 4
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["accuracy_curve"] == pytest.approx(result["accuracy_curve"])
+    assert saved["class_order"] == engine.TaskStream(engine.load_dataset(tiny_config().experiment), 4, 2, True, 1).order
+    assert len(saved["accuracy_matrix"]) == 4 and saved["accuracy_matrix"][0][1] is None
+    assert {"torch", "timm", "pilot"} <= set(saved["versions"])
+    assert (run_dir / "metrics.csv").read_text().count("\n") == 5
+    assert (run_dir / "run.log").is_file() and any((run_dir / "tensorboard").iterdir())
+    assert not list(run_dir.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_each_image_is_encoded_once(tiny_config):
+    config = tiny_config(train_per_class=3, test_per_class=2)
+    result = only_result(config)
+    # 10 classes x (3 train + 2 test), although test images of early tasks are evaluated 4 times
+    assert result["timings"]["encoded_images"] == 10 * (3 + 2)
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    from pilot.config import build_config
+
+    a = only_result(build_config(tiny_raw(tmp_path / "a", model_name="linear_probe", tuned_epoch=3)))
+    b = only_result(build_config(tiny_raw(tmp_path / "b", model_name="linear_probe", tuned_epoch=3)))
+    assert a["counts"] == b["counts"] and a["accuracy_curve"] == b["accuracy_curve"]
+
+
+class Killed(Exception):
+    pass
+
+
+def die_at_task(index):
+    """Patch for Run._step: raise (as a kill would) before task ``index`` starts."""
+    step = Run._step
+
+    def wrapped(self, task, log, scalars):
+        if task.index == index:
+            raise Killed
+        step(self, task, log, scalars)
+
+    return wrapped
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    from pilot.config import build_config
+
+    raw = dict(model_name="linear_probe", tuned_epoch=3)
+    uninterrupted = only_result(build_config(tiny_raw(tmp_path / "full", **raw)))
+
+    config = build_config(tiny_raw(tmp_path / "killed", **raw))
+    with monkeypatch.context() as patch:
+        patch.setattr(Run, "_step", die_at_task(2))
+        with pytest.raises(Killed):
+            run_experiment(config)
+    run_dir = engine.run_directory(config.experiment, 1)
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "running"
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["completed_tasks"] == 2
+
+    with pytest.raises(engine.PilotError, match="unfinished run. Continue it with --resume"):
+        run_experiment(config)
+    resumed = only_result(config, resume=True)
+    assert resumed["counts"] == uninterrupted["counts"]
+    assert resumed["accuracy_curve"] == uninterrupted["accuracy_curve"]
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path, monkeypatch):
+    from pilot.config import build_config
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Run, "_step", die_at_task(1))
+        with pytest.raises(Killed):
+            run_experiment(build_config(tiny_raw(tmp_path, model_name="linear_probe", tuned_epoch=2)))
+    changed = build_config(tiny_raw(tmp_path, model_name="linear_probe", tuned_epoch=5))
+    with pytest.raises(engine.PilotError, match=r"config differs from the checkpoint's \(tuned_epoch: checkpoint 2, now 5\)"):
+        run_experiment(changed, resume=True)
+
+
+def test_multiple_seeds_get_their_own_directories(tiny_config):
+    results = run_experiment(tiny_config(seed=[1, 2], max_tasks=2))
+    assert [r["seed"] for r in results] == [1, 2]
+    assert results[0]["run_dir"] != results[1]["run_dir"]
+    assert results[0]["class_order"] != results[1]["class_order"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"init_clss": 4}, "Did you mean 'init_cls'?"),
+    ({"increment": "2"}, "'increment' must be int"),
+    ({"init_cls": 11}, "init_cls is 11 but the dataset has only 10 classes"),
+    ({"increment": 0}, "increment must be at least 1"),
+    ({"dataset": "cifar224", "data_path": "/nonexistent", "download": False}, "CIFAR-100 not found"),
+    ({"backbone_type": "vit_tiny_patch16_2244"}, "Unknown backbone"),
+    ({"model_name": "l2pp"}, "Unknown learner"),
+])
+def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, capsys, overrides, message):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_raw(tmp_path, **overrides)))
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pilot: error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "logs").exists()
+
+
+def test_weights_missing_offline_via_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_raw(tmp_path, pretrained=True, weights_dir=str(tmp_path))))
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Could not load weights" in err and "pretrained_path" in err
+    assert not (tmp_path / "logs").exists()
+
+
+def test_cli_runs_and_resumes_a_finished_run(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_raw(tmp_path, max_tasks=2)))
+    assert main(["--config", str(path), "--set", "prefix=cli"]) == 0
+    assert "average incremental accuracy" in capsys.readouterr().out
+    assert main(["--config", str(path), "--set", "prefix=cli", "--resume"]) == 0
