@@ -137,3 +137,60 @@ def test_cli_runs_and_resumes_a_finished_run(tmp_path, capsys):
     assert main(["--config", str(path), "--set", "prefix=cli"]) == 0
     assert "average incremental accuracy" in capsys.readouterr().out
     assert main(["--config", str(path), "--set", "prefix=cli", "--resume"]) == 0
+
+
+def test_on_disk_feature_cache_is_reused(tiny_config, tmp_path):
+    first = only_result(tiny_config(feature_cache_dir=str(tmp_path / "cache"), prefix="a"))
+    second = only_result(tiny_config(feature_cache_dir=str(tmp_path / "cache"), prefix="b"))
+    assert first["timings"]["encoded_images"] > 0 and second["timings"]["encoded_images"] == 0
+    assert first["counts"] == second["counts"]
+    # another transform (here: another backbone input size) is another cache entry
+    other = only_result(tiny_config(feature_cache_dir=str(tmp_path / "cache"), prefix="c",
+                                    backbone_args={"img_size": 16, "patch_size": 8, "depth": 2}))
+    assert other["timings"]["encoded_images"] == first["timings"]["encoded_images"]
+
+
+def test_a_learner_defined_outside_the_package_plugs_in(tiny_config):
+    from dataclasses import dataclass
+
+    from pilot.config import LearnerConfig
+    from pilot.learners import register_learner
+    from pilot.learners.base import Learner
+
+    @dataclass
+    class CountingConfig(LearnerConfig):
+        bias_towards_first: float = 0.0
+
+    @register_learner("first_class_guess")
+    class FirstClassGuess(Learner):
+        """Predicts class 0 always: 100% on class 0's images, 0% elsewhere."""
+
+        config_class = CountingConfig
+
+        def fit(self, task):
+            self.num_seen = task.num_seen
+
+        def predict(self, split):
+            logits = torch.zeros(len(split), self.num_seen)
+            logits[:, 0] = 1 + self.config.bias_towards_first
+            return logits
+
+        def state_dict(self):
+            return {"num_seen": self.num_seen}
+
+    result = only_result(tiny_config(model_name="first_class_guess", bias_towards_first=1))
+    per_class_test = 4  # synthetic: per_class // 2 test images per class
+    assert result["counts"]["correct"][0] == [per_class_test, 0, 0, 0][:1]
+    assert result["last_accuracy"] == pytest.approx(100 / 10)
+
+
+def test_help_and_console_script(capsys):
+    from importlib.metadata import entry_points
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "--resume" in out and "--set KEY=VALUE" in out and "exps/quickstart.json" in out
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts.get("pilot") == "pilot.cli:main"

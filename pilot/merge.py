@@ -1,0 +1,142 @@
+"""Weight-space merging operators: EMA, plain interpolation, diagonal Fisher and Fisher-weighted merging.
+
+Learners (LAE's offline PET, CoFiMA's task-wise merge) call these on ``state_dict``-like mappings
+``name -> tensor``; nothing here knows about tasks or heads.
+"""
+
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import nn
+
+from pilot.errors import PilotError
+
+Weights = Mapping[str, torch.Tensor]
+
+
+def _float_state(module_or_weights: nn.Module | Weights) -> dict[str, torch.Tensor]:
+    """Parameters and floating-point buffers of a module, or the floating-point entries of a mapping."""
+    if isinstance(module_or_weights, nn.Module):
+        named = list(module_or_weights.named_parameters()) + list(module_or_weights.named_buffers())
+    else:
+        named = list(module_or_weights.items())
+    return {name: tensor for name, tensor in named if torch.is_floating_point(tensor)}
+
+
+def _check_same_layout(first: Weights, second: Weights, first_name: str, second_name: str) -> None:
+    missing = sorted(set(first) - set(second))
+    extra = sorted(set(second) - set(first))
+    if missing or extra:
+        raise PilotError(f"{first_name} and {second_name} hold different tensors: only in {first_name}: "
+                         f"{missing[:5]}, only in {second_name}: {extra[:5]}; pass weights of the same architecture")
+    for name, tensor in first.items():
+        if tensor.shape != second[name].shape:
+            raise PilotError(f"`{name}` has shape {tuple(tensor.shape)} in {first_name} but "
+                             f"{tuple(second[name].shape)} in {second_name}; pass weights of the same architecture")
+
+
+def _check_weight(value: float, name: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise PilotError(f"{name} must lie in [0, 1], got {value}")
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module | MutableMapping[str, torch.Tensor], source: nn.Module | Weights,
+               alpha: float) -> None:
+    """In place, ``target <- alpha * target + (1 - alpha) * source`` over float parameters and buffers, by name.
+
+    ``alpha`` is the momentum kept by the target (LAE's ``ema_decay``; CoFiMA's EMA mode uses the
+    opposite convention, ``ema <- (1 - beta) * ema + beta * model``, i.e. ``alpha = 1 - beta``).
+    Integer tensors (counters) are left alone.
+    """
+    _check_weight(alpha, "EMA alpha")
+    target_state, source_state = _float_state(target), _float_state(source)
+    _check_same_layout(target_state, source_state, "EMA target", "EMA source")
+    for name, tensor in target_state.items():
+        update = source_state[name].to(device=tensor.device, dtype=tensor.dtype)
+        tensor.mul_(alpha).add_(update, alpha=1.0 - alpha)
+
+
+def interpolate(params_a: Weights, params_b: Weights, weight_b: float) -> dict[str, torch.Tensor]:
+    """``(1 - weight_b) * a + weight_b * b`` per tensor (CoFiMA without Fisher weighting)."""
+    _check_weight(weight_b, "weight_b")
+    _check_same_layout(params_a, params_b, "params_a", "params_b")
+    return {name: torch.lerp(a, params_b[name].to(a), weight_b) for name, a in params_a.items()}
+
+
+def diagonal_fisher(model: nn.Module, batches: Iterable[Any],
+                    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+                    params: Iterable[str] | None = None,
+                    max_batches: int | None = None) -> dict[str, torch.Tensor]:
+    """Empirical diagonal Fisher: mean over batches of the squared gradient of each batch's loss.
+
+    This is CoFiMA's estimate (``getFisherDiagonal``): per batch, backpropagate the batch-mean
+    cross-entropy against the true labels, square the gradient, sum over batches, divide by the
+    number of batches. It is not the per-sample squared-gradient mean (batches of one give that).
+    CoFiMA runs it with the network in ``train()`` mode; set the mode you want before calling.
+
+    ``loss_fn(model, batch)`` returns the batch's mean loss, so any batch layout and model output
+    works. ``params`` names the parameters to estimate (default: all, as CoFiMA does); a frozen or
+    unused parameter gets a zero Fisher. CoFiMA also caps the estimate at 1e-4; here that cap is
+    applied by ``fisher_merge`` so the estimate itself stays unclipped. Does not touch ``.grad``.
+    """
+    named = dict(model.named_parameters())
+    names = list(named) if params is None else list(params)
+    unknown = [name for name in names if name not in named]
+    if unknown:
+        raise PilotError(f"diagonal_fisher: the model has no parameters named {unknown[:5]}")
+    fisher = {name: torch.zeros_like(named[name]) for name in names}
+    trainable = [name for name in names if named[name].requires_grad]
+    if not trainable:
+        raise PilotError("diagonal_fisher: none of the selected parameters requires grad; unfreeze them first")
+    num_batches = 0
+    for batch in islice(batches, max_batches):
+        loss = loss_fn(model, batch)
+        gradients = torch.autograd.grad(loss, [named[name] for name in trainable], allow_unused=True)
+        for name, gradient in zip(trainable, gradients):
+            if gradient is not None:
+                fisher[name] += gradient.detach().pow(2)
+        num_batches += 1
+    if num_batches == 0:
+        raise PilotError("diagonal_fisher got no batches; pass a non-empty loader (and max_batches >= 1)")
+    return {name: value / num_batches for name, value in fisher.items()}
+
+
+def fisher_merge(params_a: Weights, fisher_a: Weights, params_b: Weights, fisher_b: Weights,
+                 weight_b: float = 0.4, fisher_max: float | None = 1e-4) -> dict[str, torch.Tensor]:
+    """CoFiMA's Fisher-weighted merge of model A (previous) and model B (current task).
+
+    ``theta = ((1-l) Fa theta_a + l Fb theta_b) / ((1-l) Fa + l Fb)`` with ``l = weight_b``
+    (CoFiMA's ``wt_alpha``; 0.4 in REFERENCE). Both Fishers are first capped from above at
+    ``fisher_max`` (CoFiMA's ``fishermax = 1e-4`` applied with ``torch.min`` in ``getFisherDiagonal``:
+    a ceiling, not a floor), which bounds how much one model can dominate an entry.
+
+    Two deliberate departures where the official code misbehaves: an entry whose weighted Fisher
+    sum is zero (e.g. a frozen parameter, zero gradient in both) takes the plain average
+    ``(1-l) theta_a + l theta_b`` instead of NaN; and a tensor only in ``params_b`` (a new head)
+    is copied from B, where the official Fisher branch returns ``Fb * theta_b``.
+    """
+    _check_weight(weight_b, "weight_b")
+    if fisher_max is not None and fisher_max <= 0:
+        raise PilotError(f"fisher_max must be positive or None, got {fisher_max}")
+    shared_b = {name: params_b[name] for name in params_a if name in params_b}
+    _check_same_layout(params_a, shared_b, "params_a", "params_b")
+    for fisher, label in ((fisher_a, "fisher_a"), (fisher_b, "fisher_b")):
+        _check_same_layout(params_a, {name: fisher[name] for name in params_a if name in fisher}, "params_a", label)
+    merged = {}
+    for name, theta_a in params_a.items():
+        theta_b = params_b[name].to(theta_a)
+        weighted_a = (1.0 - weight_b) * _capped(fisher_a[name].to(theta_a), fisher_max)
+        weighted_b = weight_b * _capped(fisher_b[name].to(theta_a), fisher_max)
+        total = weighted_a + weighted_b
+        fisher_average = (weighted_a * theta_a + weighted_b * theta_b) / total
+        plain_average = torch.lerp(theta_a, theta_b, weight_b)
+        merged[name] = torch.where(total > 0, fisher_average, plain_average)
+    merged.update({name: tensor.clone() for name, tensor in params_b.items() if name not in params_a})
+    return merged
+
+
+def _capped(fisher: torch.Tensor, fisher_max: float | None) -> torch.Tensor:
+    return fisher if fisher_max is None else fisher.clamp(max=fisher_max)

@@ -1,0 +1,39 @@
+"""DeiT-Tiny and CIFAR-100 from ../shared/assets: the path a user's downloads take."""
+import pytest
+import timm
+import torch
+
+from pilot.engine import Run, run_experiment
+
+from conftest import ASSETS, DEIT_WEIGHTS, requires_assets, tiny_raw
+
+pytestmark = requires_assets
+
+
+@pytest.fixture
+def real_config(tmp_path):
+    from pilot.config import build_config
+
+    return build_config(tiny_raw(
+        tmp_path, dataset="cifar224", data_path=str(ASSETS), download=False,
+        backbone_type="deit_tiny_patch16_224", pretrained=True, backbone_args={}, weights_dir=str(ASSETS),
+        init_cls=10, increment=10, seed=[1993], train_per_class=3, test_per_class=3, max_tasks=2,
+    ))
+
+
+def test_simplecil_on_real_weights_and_data(real_config):
+    (result,) = run_experiment(real_config)
+    assert result["class_order"][:3] == [68, 56, 78]
+    assert result["timings"]["encoded_images"] == 20 * (3 + 3)
+    # 10-way and 20-way chance are 10% and 5%; real DeiT-Tiny features do far better.
+    assert result["accuracy_curve"][0] > 60 and result["accuracy_curve"][1] > 50
+
+
+def test_backbone_matches_timm_loading_the_file(real_config):
+    run = Run(real_config)
+    reference = timm.create_model("deit_tiny_patch16_224", pretrained=True, num_classes=0,
+                                  pretrained_cfg_overlay=dict(file=str(DEIT_WEIGHTS))).eval()
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(run.ctx.backbone.eval()(images), reference(images))
+    assert run.ctx.backbone.data_config.mean == (0.485, 0.456, 0.406)

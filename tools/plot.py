@@ -1,0 +1,114 @@
+"""Plot finished (or running) runs: ``python tools/plot.py <run dirs...> [--out DIR]``.
+
+Writes accuracy_curve.png (accuracy vs classes seen, all runs overlaid), forgetting.png (per-task
+forgetting at the last step, runs side by side) and accuracy_matrix_<run>.png (one heatmap per
+run). A directory argument may hold many runs: every results.json below it is used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    found = []
+    for path in map(Path, paths):
+        if (path / "results.json").is_file():
+            found.append(path)
+        elif path.is_dir():
+            found += sorted(p.parent for p in path.rglob("results.json"))
+    return found
+
+
+def label(results: dict) -> str:
+    config = results["config"]
+    prefix = config.get("prefix", "").strip()
+    return " ".join(filter(None, [config["model_name"], prefix, f"seed {results['seed']}"]))
+
+
+def classes_seen(results: dict) -> list[int]:
+    return np.cumsum(results["task_sizes"])[: results["completed_tasks"]].tolist()
+
+
+def plot_curves(runs: list[dict], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for results in runs:
+        avg = results["average_incremental_accuracy"]
+        ax.plot(classes_seen(results), results["accuracy_curve"], marker="o", markersize=3,
+                label=f"{label(results)} (avg {avg:.2f}, last {results['last_accuracy']:.2f})")
+    ax.set(xlabel="classes seen", ylabel="top-1 accuracy on all seen classes (%)",
+           title=f"Accuracy over the task stream ({runs[0]['config']['dataset']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, out / "accuracy_curve.png")
+
+
+def plot_forgetting(runs: list[dict], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    width = 0.8 / len(runs)
+    for i, results in enumerate(runs):
+        values = [np.nan if v is None else v for v in results["task_forgetting"]]
+        ax.bar(np.arange(len(values)) + i * width, values, width,
+               label=f"{label(results)} (mean {np.nanmean(values) if values else 0:.2f})")
+    tasks = max(len(r["task_forgetting"]) for r in runs)
+    ax.set_xticks(np.arange(tasks) + width * (len(runs) - 1) / 2, [str(t) for t in range(tasks)])
+    ax.set(xlabel="task", ylabel="forgetting at the last step (points)",
+           title="Per-task forgetting: best earlier accuracy minus final accuracy")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return save(fig, out / "forgetting.png")
+
+
+def plot_matrix(results: dict, out: Path, name: str) -> Path:
+    matrix = np.array([[np.nan if v is None else v for v in row] for row in results["accuracy_matrix"]])
+    fig, ax = plt.subplots(figsize=(6, 5))
+    image = ax.imshow(matrix, vmin=0, vmax=100, cmap="viridis")
+    steps = len(matrix)
+    if steps <= 12:
+        for t in range(steps):
+            for j in range(t + 1):
+                ax.text(j, t, f"{matrix[t, j]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if matrix[t, j] < 60 else "black")
+    ax.set(xlabel="evaluated task j", ylabel="after learning task t", title=f"R[t][j] (%): {label(results)}",
+           xticks=range(steps), yticks=range(steps))
+    fig.colorbar(image, ax=ax, label="accuracy (%)")
+    return save(fig, out / f"accuracy_matrix_{name}.png")
+
+
+def save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run directories (holding results.json) or folders of runs")
+    parser.add_argument("--out", default=None, help="where to write the PNGs (default: the first run's directory)")
+    args = parser.parse_args(argv)
+    run_dirs = find_runs(args.runs)
+    if not run_dirs:
+        print(f"plot: no results.json under {', '.join(args.runs)}", file=sys.stderr)
+        return 2
+    runs = [json.loads((d / "results.json").read_text()) for d in run_dirs]
+    out = Path(args.out) if args.out else run_dirs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    written = [plot_curves(runs, out), plot_forgetting(runs, out)]
+    names = [d.name if [x.name for x in run_dirs].count(d.name) == 1 else f"{i}_{d.name}" for i, d in enumerate(run_dirs)]
+    written += [plot_matrix(r, out, n) for r, n in zip(runs, names)]
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
