@@ -26,7 +26,7 @@ IGNORED_PILOT_KEYS = frozenset({
     "memory_size", "memory_per_class", "fixed_memory", "get_original_backbone", "model_postfix",
     "freeze", "global_pool", "head_type", "drop", "drop_path", "use_simplecil", "vpt_type",
     "prompt_token_num", "tuned_epoch", "init_lr", "weight_decay", "min_lr", "optimizer",
-    "scheduler", "reinit_optimizer",
+    "scheduler", "reinit_optimizer", "batch_size",
 })
 
 
@@ -54,7 +54,7 @@ class ExperimentConfig:
     weights_dir: str = field(default_factory=lambda: os.environ.get("PILOT_WEIGHTS_DIR", "./weights"))
     # Download missing data (CIFAR through torchvision) when online.
     download: bool = True
-    batch_size: int = 64
+    # Training batch sizes belong to each learner's config (published defaults differ).
     eval_batch_size: int = 128
     num_workers: int = 0
     device: list[str] = field(default_factory=lambda: ["cpu"])
@@ -144,9 +144,8 @@ def _validate_experiment(exp: ExperimentConfig) -> None:
         raise PilotError(f"increment must be at least 1 (got {exp.increment}): it is the number of new classes per task after the first.")
     if not exp.seed:
         raise PilotError("seed must list at least one seed, e.g. \"seed\": [1993].")
-    for key in ("batch_size", "eval_batch_size"):
-        if getattr(exp, key) < 1:
-            raise PilotError(f"{key} must be at least 1 (got {getattr(exp, key)}).")
+    if exp.eval_batch_size < 1:
+        raise PilotError(f"eval_batch_size must be at least 1 (got {exp.eval_batch_size}).")
     for key in ("train_per_class", "test_per_class", "max_tasks", "num_workers"):
         if getattr(exp, key) < 0:
             raise PilotError(f"{key} must be 0 (no limit) or positive (got {getattr(exp, key)}).")

@@ -3,6 +3,7 @@ checkpoint; resume from the last checkpoint."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import platform
 import random
@@ -80,8 +81,34 @@ class RunContext:
     stream: TaskStream
     device: torch.device
     generator: torch.Generator
-    features: FeatureStore
-    log: Any
+    log: Any = None
+    features: Optional[FeatureStore] = None  # the frozen backbone's; see feature_store
+    stores: list = dataclasses.field(default_factory=list)
+
+    def feature_store(self, encoder: torch.nn.Module, identity: str) -> FeatureStore:
+        """A store of ``encoder``'s eval-mode features: each image encoded at most once per run.
+
+        ``identity`` must name everything the features depend on (architecture, weights, and any
+        adaptation, e.g. a hash of adapter weights); it keys the optional disk cache.
+        """
+        transform = self.eval_transform
+
+        @torch.no_grad()
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            encoder.eval()
+            with self.autocast():
+                return encoder(images.to(self.device))
+
+        exp = self.experiment
+        key = f"{identity}|{transform}|{self.dataset.name}|{self.dataset.fingerprint}"
+        store = FeatureStore(encode, transform, key, exp.eval_batch_size, exp.num_workers,
+                             exp.feature_cache_dir or None, exp.progress)
+        self.stores.append(store)
+        return store
+
+    @property
+    def encoded_images(self) -> int:
+        return sum(store.encoded_images for store in self.stores)
 
     @property
     def eval_transform(self):
@@ -90,15 +117,16 @@ class RunContext:
     def train_transform(self, crop_scale: tuple[float, float] = (0.05, 1.0)):
         return train_transform(self.backbone.data_config, self.dataset.resize_to_model, crop_scale)
 
-    def loader(self, split: Split, train: bool, batch_size: Optional[int] = None, transform=None):
-        """Training loaders shuffle with the run's generator and augment; eval loaders do neither and
-        leave every generator untouched (so evaluation never changes what training draws next)."""
-        exp = self.experiment
-        if transform is None:
-            transform = self.train_transform() if train else self.eval_transform
-        return make_loader(split, transform, batch_size or (exp.batch_size if train else exp.eval_batch_size),
-                           shuffle=train, num_workers=exp.num_workers,
-                           generator=self.generator if train else torch.Generator())
+    def train_loader(self, split: Split, batch_size: int, transform=None):
+        """Augmented (``train_transform()`` unless given), shuffled with the run's generator."""
+        return make_loader(split, transform or self.train_transform(), batch_size, shuffle=True,
+                           num_workers=self.experiment.num_workers, generator=self.generator)
+
+    def eval_loader(self, split: Split, transform=None):
+        """In split order, eval transform; draws from no generator, so evaluating never changes
+        what training draws next (a resumed run re-evaluates nothing, yet must match)."""
+        return make_loader(split, transform or self.eval_transform, self.experiment.eval_batch_size,
+                           num_workers=self.experiment.num_workers, generator=torch.Generator())
 
     def autocast(self):
         """bf16 autocast on CUDA when ``mixed_precision`` is set; a no-op otherwise."""
@@ -155,21 +183,6 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     return peak
 
 
-def build_feature_store(experiment: ExperimentConfig, backbone: Backbone, dataset: SourceDataset,
-                        device: torch.device, autocast) -> FeatureStore:
-    transform = eval_transform(backbone.data_config, dataset.resize_to_model)
-
-    @torch.no_grad()
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        backbone.eval()
-        with autocast():
-            return backbone(images.to(device))
-
-    key = f"{backbone.identity}|{transform}|{dataset.name}|{dataset.fingerprint}"
-    return FeatureStore(encode, transform, key, experiment.eval_batch_size, experiment.num_workers,
-                        experiment.feature_cache_dir or None, experiment.progress)
-
-
 class Run:
     """One seed's run: everything is built and checked before anything is written."""
 
@@ -185,9 +198,8 @@ class Run:
         backbone = create_backbone(exp.backbone_type, exp.pretrained, exp.pretrained_path, exp.weights_dir,
                                    self.seed, **exp.backbone_args)
         self.generator = torch.Generator().manual_seed(self.seed)
-        self.ctx = RunContext(exp, backbone.to(self.device), self.dataset, self.stream, self.device,
-                              self.generator, features=None, log=None)
-        self.ctx.features = build_feature_store(exp, self.ctx.backbone, self.dataset, self.device, self.ctx.autocast)
+        self.ctx = RunContext(exp, backbone.to(self.device), self.dataset, self.stream, self.device, self.generator)
+        self.ctx.features = self.ctx.feature_store(self.ctx.backbone, backbone.identity)
         self.learner = learner_class(exp.model_name)(config.learner, self.ctx)
         self.run_dir = run_directory(exp, self.seed)
         self.checkpoint_path = self.run_dir / "checkpoint.pt"
@@ -285,7 +297,7 @@ class Run:
             "per_task": self.rows,
             "timings": {"train_seconds": sum(r["train_seconds"] for r in self.rows),
                         "eval_seconds": sum(r["eval_seconds"] for r in self.rows),
-                        "encoded_images": self.ctx.features.encoded_images},
+                        "encoded_images": self.ctx.encoded_images},
             "peak_memory": peak_memory_mb(self.device),
         }
         write_json(self.run_dir / "results.json", results)

@@ -82,6 +82,8 @@ class TaskStream:
         self.dataset = dataset
         self.order = class_order(dataset.num_classes, shuffle, seed)
         self.sizes = task_sizes(dataset.num_classes, init_cls, increment)
+        # Tasks of the full protocol, also when max_tasks stops early (methods size per-task slices by it).
+        self.planned_tasks = len(self.sizes)
         if max_tasks:
             self.sizes = self.sizes[:max_tasks]
         # relabel[original class] = position in the order

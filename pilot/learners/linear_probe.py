@@ -21,7 +21,7 @@ from pilot.learners.base import Learner
 class LinearProbeConfig(LearnerConfig):
     tuned_epoch: int = 10
     init_lr: float = 0.001875
-    probe_batch_size: int = 16
+    batch_size: int = 16
 
 
 @register_learner("linear_probe")
@@ -35,8 +35,8 @@ class LinearProbe(Learner):
 
     @classmethod
     def validate_config(cls, config: LinearProbeConfig) -> None:
-        if config.tuned_epoch < 1 or config.probe_batch_size < 1 or config.init_lr <= 0:
-            raise PilotError("linear_probe needs tuned_epoch >= 1, probe_batch_size >= 1 and init_lr > 0.")
+        if config.tuned_epoch < 1 or config.batch_size < 1 or config.init_lr <= 0:
+            raise PilotError("linear_probe needs tuned_epoch >= 1, batch_size >= 1 and init_lr > 0.")
 
     def fit(self, task: Task) -> None:
         features = self.ctx.features(task.train)
@@ -45,7 +45,7 @@ class LinearProbe(Learner):
         optimizer = torch.optim.Adam(head.parameters(), lr=self.config.init_lr)
         for _ in range(self.config.tuned_epoch):
             order = torch.randperm(len(labels), generator=self.ctx.generator)
-            for batch in order.split(self.config.probe_batch_size):
+            for batch in order.split(self.config.batch_size):
                 loss = F.cross_entropy(head(features[batch]), labels[batch])
                 optimizer.zero_grad()
                 loss.backward()

@@ -1,0 +1,61 @@
+"""L2P (Wang et al., CVPR 2022): a pool of prompts with learnable keys; each image picks the top-k
+prompts whose keys best match its query and prepends them to its patch tokens; the head reads
+the mean of the prompt tokens' outputs. Defaults: PILOT's exps/l2p.json and the official code."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pilot.errors import PilotError
+from pilot.learners import register_learner
+from pilot.learners.prompt_learner import PromptLearner
+from pilot.modules.prompting import PromptPool, pull_loss
+from pilot.training import TrainConfig, validate_train_config
+
+
+@dataclass
+class L2PConfig(TrainConfig):
+    tuned_epoch: int = 5
+    init_lr: float = 0.001875  # 0.03 x batch 16 / 256
+    batch_size: int = 16
+    optimizer: str = "adam"
+    scheduler: str = "constant"
+    min_lr: float = 1e-5
+    clip_grad: float = 1.0  # official L2P code
+    size: int = 10  # pool size
+    length: int = 5  # tokens per prompt
+    top_k: int = 5
+    initializer: str = "uniform"  # prompts: U(-1, 1)
+    prompt_key_init: str = "uniform"
+    pull_constraint: bool = True
+    pull_constraint_coeff: float = 0.1
+
+
+@register_learner("l2p")
+class L2P(PromptLearner):
+    config_class = L2PConfig
+
+    def __init__(self, config: L2PConfig, ctx):
+        super().__init__(config, ctx)
+        self.net["pool"] = PromptPool(config.size, config.length, ctx.backbone.feature_dim, config.top_k,
+                                      key_init=config.prompt_key_init, prompt_init=config.initializer)
+        self.attach()
+
+    @classmethod
+    def validate_config(cls, config: L2PConfig) -> None:
+        validate_train_config(config)
+        if not 1 <= config.top_k <= config.size:
+            raise PilotError(f"top_k ({config.top_k}) must be between 1 and the pool size ({config.size}).")
+
+    def prompted_outputs(self, images, query, task):
+        selection = self.net["pool"].select(query)
+        tokens = selection.prompts[:, 0]  # [B, top_k * length, D]: one layer, prompt tuning
+        with self.prompts.use(prompt_tokens=tokens):
+            features = self.vit.forward_features(images)
+        prompt_outputs = features[:, self.prompts.prompt_slice(tokens.shape[1])].mean(1)
+        logits = self.net["head"](prompt_outputs)
+        extra = torch.zeros((), device=logits.device)
+        if self.config.pull_constraint:
+            extra = self.config.pull_constraint_coeff * pull_loss(selection.selected_similarity)
+        return logits, extra

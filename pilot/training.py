@@ -1,0 +1,184 @@
+"""The training template shared by learners that fit parameters with gradients.
+
+A subclass says what is different about its method: which modules train (``trainable``), the
+logits (and any extra loss) of a training batch, and the logits of an evaluation batch. The
+template owns the optimiser and schedule (PILOT's keys), the epoch loop, masking of the logits
+of classes outside the current task, gradient clipping, mixed precision and evaluation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pilot.config import LearnerConfig
+from pilot.data.stream import Split, Task
+from pilot.errors import PilotError
+from pilot.learners.base import Learner
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("constant", "cosine", "steplr")
+
+
+@dataclass
+class TrainConfig(LearnerConfig):
+    """PILOT's optimisation keys; each learner's subclass sets its method's published values."""
+
+    tuned_epoch: int = 5
+    init_lr: float = 0.001
+    batch_size: int = 16
+    weight_decay: float = 0.0
+    min_lr: float = 0.0
+    optimizer: str = "adam"
+    scheduler: str = "constant"
+    momentum: float = 0.9
+    milestones: list[int] = field(default_factory=list)
+    lr_decay: float = 0.1
+    # Clip the gradient norm of the trained parameters to this (0 = off).
+    clip_grad: float = 0.0
+
+
+def validate_train_config(config: TrainConfig) -> None:
+    if config.optimizer not in OPTIMIZERS:
+        raise PilotError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{config.optimizer}'.")
+    if config.scheduler not in SCHEDULERS:
+        raise PilotError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got '{config.scheduler}'.")
+    if config.tuned_epoch < 0 or config.batch_size < 1 or config.init_lr <= 0:
+        raise PilotError("tuned_epoch must be >= 0, batch_size >= 1 and init_lr > 0.")
+    late = [m for m in config.milestones if m >= config.tuned_epoch]
+    if config.scheduler == "steplr" and late:
+        raise PilotError(f"milestones {late} are at or past the last epoch ({config.tuned_epoch} epochs): "
+                         f"they would never apply. Use milestones below tuned_epoch.")
+
+
+def make_optimizer(parameters: list[nn.Parameter], config: TrainConfig, lr: Optional[float] = None) -> torch.optim.Optimizer:
+    lr = config.init_lr if lr is None else lr
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(parameters, lr=lr, betas=(0.9, 0.999), weight_decay=config.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """Stepped once per epoch, as PILOT does."""
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.tuned_epoch, 1), eta_min=config.min_lr)
+    if config.scheduler == "steplr":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=config.milestones, gamma=config.lr_decay)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def mask_to_task(logits: torch.Tensor, task: Task) -> torch.Tensor:
+    """Only the current task's classes compete in the training loss (L2P, DualPrompt, CODA)."""
+    masked = torch.full_like(logits, -math.inf)
+    masked[:, task.classes.start:task.classes.stop] = logits[:, task.classes.start:task.classes.stop]
+    return masked
+
+
+class GradientLearner(Learner):
+    """Template: ``fit`` trains ``trainable()`` for ``tuned_epoch`` epochs on the task's data."""
+
+    config_class = TrainConfig
+    mask_old_classes = True  # train on logits of the current task's classes only
+
+    def __init__(self, config: TrainConfig, ctx):
+        super().__init__(config, ctx)
+        self.num_seen = 0
+        # Everything the method learns (prompts, heads, ...), saved in checkpoints; subclasses fill it.
+        self.net = nn.ModuleDict()
+
+    @classmethod
+    def validate_config(cls, config: TrainConfig) -> None:
+        validate_train_config(config)
+
+    # --- what a method defines -----------------------------------------------------------
+
+    def trainable(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def train_outputs(self, images: torch.Tensor, labels: torch.Tensor, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits over all classes and an extra loss term (0 if none) for a training batch."""
+        raise NotImplementedError
+
+    def eval_logits(self, images: torch.Tensor, queries: Optional[torch.Tensor]) -> torch.Tensor:
+        """Logits over all classes for an evaluation batch; ``queries`` are its rows of ``eval_queries``."""
+        raise NotImplementedError
+
+    def eval_queries(self, split: Split) -> Optional[torch.Tensor]:
+        """Per-image inputs computed once per split before evaluating it (e.g. cached frozen features)."""
+        return None
+
+    def begin_task(self, task: Task) -> None:
+        """Before training on ``task`` (e.g. grow or initialise prompts)."""
+
+    def end_task(self, task: Task) -> None:
+        """After training on ``task`` (e.g. merge, align, compute statistics)."""
+
+    def train_transform(self):
+        return self.ctx.train_transform()
+
+    def set_train_mode(self, training: bool) -> None:
+        """Frozen backbones stay in eval mode; override where a method fine-tunes."""
+        self.ctx.backbone.eval()
+
+    # --- the template ----------------------------------------------------------------------
+
+    def fit(self, task: Task) -> None:
+        self.num_seen = task.num_seen
+        self.begin_task(task)
+        parameters = [p for p in self.trainable() if p.requires_grad]
+        if self.config.tuned_epoch and parameters:
+            self.train_epochs(task, parameters)
+        self.end_task(task)
+
+    def train_epochs(self, task: Task, parameters: list[nn.Parameter]) -> None:
+        config, ctx = self.config, self.ctx
+        optimizer = make_optimizer(parameters, config)
+        scheduler = make_scheduler(optimizer, config)
+        loader = ctx.train_loader(task.train, config.batch_size, self.train_transform())
+        self.set_train_mode(True)
+        for epoch in range(config.tuned_epoch):
+            progress = tqdm(loader, desc=f"task {task.index + 1} epoch {epoch + 1}/{config.tuned_epoch}",
+                            disable=not ctx.experiment.progress, leave=False)
+            for images, labels, _ in progress:
+                loss = self.train_step(images.to(ctx.device), labels.to(ctx.device), task, optimizer, parameters)
+                progress.set_postfix(loss=f"{loss:.3f}")
+            scheduler.step()
+        self.set_train_mode(False)
+
+    def train_step(self, images, labels, task, optimizer, parameters) -> float:
+        with self.ctx.autocast():
+            logits, extra = self.train_outputs(images, labels, task)
+        if self.mask_old_classes:
+            logits = mask_to_task(logits.float(), task)
+        loss = F.cross_entropy(logits.float(), labels) + extra
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, self.config.clip_grad)
+        optimizer.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def predict(self, split: Split) -> torch.Tensor:
+        self.set_train_mode(False)
+        queries = self.eval_queries(split)
+        chunks = []
+        for images, _, positions in self.ctx.eval_loader(split):
+            batch_queries = None if queries is None else queries[positions].to(self.ctx.device)
+            with self.ctx.autocast():
+                chunks.append(self.eval_logits(images.to(self.ctx.device), batch_queries).float().cpu())
+        return torch.cat(chunks)[:, : self.num_seen]
+
+    def state_dict(self):
+        return {"num_seen": self.num_seen, "net": self.net.state_dict()}
+
+    def load_state_dict(self, state):
+        self.num_seen = state["num_seen"]
+        self.net.load_state_dict(state["net"])
