@@ -1,0 +1,154 @@
+"""Adapt on the first task only, then freeze: the part RanPAC and APER share.
+
+PILOT (``models/ranpac.py``, ``models/aper_adapter.py``) attaches AdaptFormer adapters to the frozen
+ViT, trains them with a temporary cosine head (``CosineLinear``: learnable scale, initial value 1)
+on the first task's classes, then freezes them. Later tasks train nothing; each learner builds its
+classifier from features of the adapted backbone, encoded once per image by a feature store.
+
+The adapters are switched on only while the adapted encoder runs, so ``ctx.features`` keeps giving
+the pretrained features of the same ViT weights (one copy of the ViT for both).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pilot.data.stream import Split, Task
+from pilot.errors import PilotError
+from pilot.features import FeatureStore
+from pilot.modules.adapters import AdapterSet, attach_adapters, freeze
+from pilot.training import GradientLearner, TrainConfig, validate_train_config
+
+
+@dataclass
+class AdaptationConfig(TrainConfig):
+    """PILOT's exps/ranpac.json and exps/aper_aperpter.json (identical training keys)."""
+
+    tuned_epoch: int = 20  # epochs on the first task; 0 = no adaptation (pretrained features)
+    init_lr: float = 0.01
+    batch_size: int = 48
+    weight_decay: float = 0.0005
+    min_lr: float = 0.0
+    optimizer: str = "sgd"
+    scheduler: str = "cosine"  # PILOT's code always anneals (CosineAnnealingLR, T_max = tuned_epoch)
+    ffn_num: int = 64  # adapter bottleneck
+
+
+class CosineHead(nn.Module):
+    """``sigma * cos(features, w_c)`` with a learnable ``sigma`` (PILOT's ``CosineLinear`` and init)."""
+
+    def __init__(self, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        bound = 1 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(torch.empty(num_classes, in_dim).uniform_(-bound, bound))
+        self.sigma = nn.Parameter(torch.ones(1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.sigma * nn.functional.normalize(features, dim=1) @ nn.functional.normalize(self.weight, dim=1).T
+
+
+class AdaptedEncoder(nn.Module):
+    """The backbone with the adapters on; ``eval()``/``train()`` reach both."""
+
+    def __init__(self, backbone: nn.Module, adapters: AdapterSet) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.adapters = adapters
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.adapters.enabled = True
+        try:
+            return self.backbone(images)
+        finally:
+            self.adapters.enabled = False
+
+
+def weights_digest(module: nn.Module) -> str:
+    """Hash of a module's parameter names, shapes and values: keys the adapted feature store."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+class FirstTaskAdaptationLearner(GradientLearner):
+    """Template: the training template runs on the first task only; then ``update_classifier``
+    learns every task's classes from ``adapted_features`` (subclasses define it and ``predict``).
+
+    With ``tuned_epoch`` 0 nothing is attached and ``adapted_features`` is ``ctx.features``.
+    """
+
+    config_class = AdaptationConfig
+    mask_old_classes = False  # the temporary head has the first task's classes only
+
+    def __init__(self, config: AdaptationConfig, ctx):
+        super().__init__(config, ctx)
+        self.encoder: nn.Module = ctx.backbone
+        self.adapted_features: FeatureStore = ctx.features
+        if config.tuned_epoch:
+            freeze(ctx.backbone)
+            adapters = attach_adapters(ctx.backbone.model, bottleneck=config.ffn_num).to(ctx.device)
+            adapters.enabled = False
+            self.net["adapters"] = adapters  # checkpoints hold the adapters, not the ViT
+            self.encoder = AdaptedEncoder(ctx.backbone, adapters)
+
+    @classmethod
+    def validate_config(cls, config: AdaptationConfig) -> None:
+        validate_train_config(config)
+        if config.ffn_num < 1:
+            raise PilotError(f"ffn_num (adapter bottleneck) must be at least 1, got {config.ffn_num}.")
+
+    @property
+    def has_adapters(self) -> bool:
+        return "adapters" in self.net
+
+    @property
+    def adapting(self) -> bool:
+        return "head" in self.net
+
+    # --- the training template's hooks ----------------------------------------------------
+
+    def begin_task(self, task: Task) -> None:
+        if task.index == 0 and self.has_adapters:
+            self.net["head"] = CosineHead(self.ctx.backbone.feature_dim, len(task.classes)).to(self.ctx.device)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return list(self.net.parameters()) if self.adapting else []
+
+    def set_train_mode(self, training: bool) -> None:
+        self.encoder.train(training)
+
+    def train_outputs(self, images: torch.Tensor, labels: torch.Tensor, task: Task):
+        return self.net["head"](self.encoder(images)), 0.0
+
+    def end_task(self, task: Task) -> None:
+        if self.adapting:
+            del self.net["head"]
+            self.freeze_adapters()
+        self.update_classifier(task)
+
+    def freeze_adapters(self) -> None:
+        """From here on the adapted backbone is fixed: its features go through a store."""
+        adapters = self.net["adapters"]
+        freeze(adapters)
+        identity = f"{self.ctx.backbone.identity}|adapters:{weights_digest(adapters)}"
+        self.adapted_features = self.ctx.feature_store(self.encoder, identity)
+
+    # --- what a learner defines -----------------------------------------------------------
+
+    def update_classifier(self, task: Task) -> None:
+        """Add ``task``'s classes to the classifier (every task, after any adaptation)."""
+        raise NotImplementedError
+
+    def predict(self, split: Split) -> torch.Tensor:
+        raise NotImplementedError
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        if self.has_adapters:
+            self.freeze_adapters()
