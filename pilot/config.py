@@ -27,6 +27,13 @@ IGNORED_PILOT_KEYS = frozenset({
     "freeze", "global_pool", "head_type", "drop", "drop_path", "use_simplecil", "vpt_type",
     "prompt_token_num", "tuned_epoch", "init_lr", "weight_decay", "min_lr", "optimizer",
     "scheduler", "reinit_optimizer", "batch_size",
+    # Prompt-model switches of PILOT's copied ViT files; pilot's learners fix these by method.
+    "prompt_pool", "prompt_key", "use_prompt_mask", "embedding_key", "predefined_key", "use_g_prompt",
+    "use_e_prompt", "use_prefix_tune_for_g_prompt", "use_prefix_tune_for_e_prompt", "same_key_value",
+    "shared_prompt_key", "shared_prompt_pool",
+    # A majority vote over the test batch makes accuracy depend on the batch: pilot always selects
+    # prompts per image, so PILOT's `batchwise_prompt: true` is ignored (with the warning).
+    "batchwise_prompt",
 })
 
 

@@ -251,8 +251,9 @@ class Run:
         row = {"task": task.index, "classes_seen": task.num_seen, **summary,
                "train_seconds": trained - started, "eval_seconds": evaluated - trained}
         self.rows.append(row)
+        old = "-" if task.index == 0 else f"{summary['old_accuracy']:.2f}"
         log.info(f"task {task.index + 1}/{len(self.stream)} classes {task.num_seen}: accuracy {summary['accuracy']:.2f} "
-                 f"(old {summary['old_accuracy']:.2f}, new {summary['new_accuracy']:.2f}), "
+                 f"(old {old}, new {summary['new_accuracy']:.2f}), "
                  f"average {summary['average_incremental_accuracy']:.2f}, "
                  f"train {row['train_seconds']:.1f}s eval {row['eval_seconds']:.1f}s")
         scalars.add(task.num_seen, {f"accuracy/{k}": v for k, v in summary.items()})

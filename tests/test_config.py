@@ -79,3 +79,41 @@ def test_missing_or_broken_config_file(tmp_path):
 def test_flat_dict_round_trips(tiny_config):
     config = tiny_config(model_name="linear_probe")
     assert build_config(config.to_flat_dict()).to_flat_dict() == config.to_flat_dict()
+
+
+# Keys of LAMDA-PILOT's exps/l2p.json and exps/dualprompt.json beyond the common ones.
+PILOT_L2P = {
+    "model_name": "l2p", "backbone_type": "vit_base_patch16_224_l2p", "get_original_backbone": True,
+    "tuned_epoch": 5, "init_lr": 0.001875, "batch_size": 16, "weight_decay": 0, "min_lr": 1e-5,
+    "optimizer": "adam", "scheduler": "constant", "reinit_optimizer": True, "global_pool": "token",
+    "head_type": "prompt", "freeze": ["blocks", "patch_embed", "cls_token", "norm", "pos_embed"],
+    "pretrained": True, "drop": 0.0, "drop_path": 0.0, "prompt_pool": True, "size": 10, "length": 5,
+    "top_k": 5, "initializer": "uniform", "prompt_key": True, "prompt_key_init": "uniform",
+    "use_prompt_mask": False, "shared_prompt_pool": False, "shared_prompt_key": False,
+    "batchwise_prompt": True, "embedding_key": "cls", "predefined_key": "", "pull_constraint": True,
+    "pull_constraint_coeff": 0.1,
+}
+PILOT_DUALPROMPT = {
+    **PILOT_L2P, "model_name": "dualprompt", "backbone_type": "vit_base_patch16_224_dualprompt",
+    "batch_size": 24, "init_lr": 0.001, "head_type": "token", "use_g_prompt": True, "g_prompt_length": 5,
+    "g_prompt_layer_idx": [0, 1], "use_prefix_tune_for_g_prompt": True, "use_e_prompt": True,
+    "e_prompt_layer_idx": [2, 3, 4], "use_prefix_tune_for_e_prompt": True, "top_k": 1,
+    "use_prompt_mask": True, "shared_prompt_pool": True, "same_key_value": False,
+}
+
+
+@pytest.mark.parametrize("raw", [PILOT_L2P, PILOT_DUALPROMPT], ids=["l2p", "dualprompt"])
+def test_pilot_prompt_configs_load(raw):
+    common = {k: v for k, v in PILOT_SIMPLECIL.items() if k in ("prefix", "dataset", "shuffle", "init_cls", "increment", "device", "seed")}
+    with pytest.warns(UserWarning, match="batchwise_prompt"):
+        config = build_config({**common, **raw})
+    assert config.learner.batch_size == raw["batch_size"] and config.learner.top_k == raw["top_k"]
+    if raw["model_name"] == "dualprompt":
+        assert config.learner.shared_prompt_pool and config.learner.e_prompt_layer_idx == [2, 3, 4]
+
+
+def test_repo_configs_load():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).resolve().parents[1].glob("exps/*.json")):
+        load_config(path)
