@@ -26,7 +26,7 @@ IGNORED_PILOT_KEYS = frozenset({
     "memory_size", "memory_per_class", "fixed_memory", "get_original_backbone", "model_postfix",
     "freeze", "global_pool", "head_type", "drop", "drop_path", "use_simplecil", "vpt_type",
     "prompt_token_num", "tuned_epoch", "init_lr", "weight_decay", "min_lr", "optimizer",
-    "scheduler", "reinit_optimizer", "batch_size",
+    "scheduler", "reinit_optimizer", "batch_size", "down_sample_dim",
     # Prompt-model switches of PILOT's copied ViT files; pilot's learners fix these by method.
     "prompt_pool", "prompt_key", "use_prompt_mask", "embedding_key", "predefined_key", "use_g_prompt",
     "use_e_prompt", "use_prefix_tune_for_g_prompt", "use_prefix_tune_for_e_prompt", "same_key_value",

@@ -73,11 +73,17 @@ class RidgeState:
         """``W_o = (G + lam I)^-1 Q`` ([M, classes], float64); logits are ``h @ W_o``."""
         if lam <= 0:
             raise PilotError(f"ridge lambda must be positive, got {lam}")
-        identity = torch.eye(self.dim, dtype=torch.float64, device=self.gram.device)
-        return torch.linalg.solve(self.gram + lam * identity, self.class_sums)
+        # G + lam I is symmetric positive definite: Cholesky, built in one M x M buffer, halves
+        # the time and memory of a general solve at M = 10000.
+        regularised = self.gram.clone()
+        regularised.diagonal().add_(lam)
+        factor = torch.linalg.cholesky(regularised)
+        del regularised
+        return torch.cholesky_solve(self.class_sums, factor)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"gram": self.gram.clone(), "class_sums": self.class_sums.clone()}
+        """The live tensors (a checkpoint writes them out; G is 800 MB at M = 10000)."""
+        return {"gram": self.gram, "class_sums": self.class_sums}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         gram, class_sums = state["gram"], state["class_sums"]

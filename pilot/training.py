@@ -117,11 +117,18 @@ class GradientLearner(Learner):
     def begin_task(self, task: Task) -> None:
         """Before training on ``task`` (e.g. grow or initialise prompts)."""
 
+    def begin_epoch(self, task: Task, epoch: int) -> None:
+        """Before each training epoch (e.g. freeze a module for the first epochs)."""
+
     def end_task(self, task: Task) -> None:
         """After training on ``task`` (e.g. merge, align, compute statistics)."""
 
     def train_transform(self):
         return self.ctx.train_transform()
+
+    def make_optimizer(self, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """One optimiser per task (PILOT's reinit_optimizer); override for parameter groups."""
+        return make_optimizer(parameters, self.config)
 
     def set_train_mode(self, training: bool) -> None:
         """Frozen backbones stay in eval mode; override where a method fine-tunes."""
@@ -139,11 +146,12 @@ class GradientLearner(Learner):
 
     def train_epochs(self, task: Task, parameters: list[nn.Parameter]) -> None:
         config, ctx = self.config, self.ctx
-        optimizer = make_optimizer(parameters, config)
+        optimizer = self.make_optimizer(parameters)
         scheduler = make_scheduler(optimizer, config)
         loader = ctx.train_loader(task.train, config.batch_size, self.train_transform())
         self.set_train_mode(True)
         for epoch in range(config.tuned_epoch):
+            self.begin_epoch(task, epoch)
             progress = tqdm(loader, desc=f"task {task.index + 1} epoch {epoch + 1}/{config.tuned_epoch}",
                             disable=not ctx.experiment.progress, leave=False)
             for images, labels, _ in progress:

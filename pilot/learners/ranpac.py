@@ -5,8 +5,9 @@ Follows PILOT's ``models/ranpac.py`` and the official ``RanPAC.py``: after the f
 adaptation, each task's training images (eval transform) give features ``h = relu(f W)``;
 ``G += h^T h``, ``Q += h^T y``; lambda is chosen per task on an 80/20 split of that task's ``h``
 alone (MSE to one-hot targets, candidates 10^-8..10^8); ``W_o = (G + lambda I)^-1 Q``.
-Logits are ``h @ W_o`` as in the official code (PILOT's copy feeds ``h`` to a cosine head, which
-also normalises each class's column of ``W_o``).
+Logits are ``h @ W_o`` as in the official code (there times the head's positive scale, which
+changes no prediction); PILOT's copy feeds ``h`` to a cosine head instead, which also normalises
+each class's column of ``W_o`` and can change predictions.
 """
 from __future__ import annotations
 
@@ -67,21 +68,24 @@ class RanPAC(FirstTaskAdaptationLearner):
     def update_classifier(self, task: Task) -> None:
         features = self.adapted_features(task.train)
         labels = torch.as_tensor(task.train.labels)
-        if not self.config.use_RP:
+        if self.config.use_RP:
+            self.update_ridge(self.project(features), labels, task)
+        else:
             self.prototypes = torch.cat([self.prototypes, class_means(features, labels, task.classes)])
-            return
-        h = self.project(features)
+
+    def update_ridge(self, h: torch.Tensor, labels: torch.Tensor, task: Task) -> None:
         started = time.perf_counter()
         # The official code splits features read through a shuffled loader; a seeded shuffle here.
         lam = select_lambda(*split_fit_val(h, labels, 0.8, seed=draw_seed(self.ctx.generator)))
         selected = time.perf_counter()
         self.ridge.add(h, labels, task.num_seen)
+        accumulated = time.perf_counter()
         self.readout = self.ridge.solve(lam)
         solved = time.perf_counter()
         self.lambdas.append(lam)
         (self.ctx.log or logging.getLogger(__name__)).info(
-            f"ranpac task {task.index + 1}: lambda {lam:g} (selection {selected - started:.2f}s), "
-            f"ridge solve {solved - selected:.2f}s at dimension {self.ridge.dim}")
+            f"ranpac task {task.index + 1}: lambda {lam:g}; at dimension {self.ridge.dim}: selection "
+            f"{selected - started:.2f}s, accumulation {accumulated - selected:.2f}s, solve {solved - accumulated:.2f}s")
 
     def predict(self, split: Split) -> torch.Tensor:
         features = self.adapted_features(split)

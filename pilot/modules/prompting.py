@@ -35,7 +35,7 @@ Initialisations follow the official code (L2P/DualPrompt: U(-1, 1) for prompts a
 Gram-Schmidt orthonormal components for the current task, zeros for tasks not reached yet).
 """
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -96,9 +96,12 @@ class PromptedViT:
     ...     features = vit.forward_features(images)
     """
 
-    def __init__(self, vit: nn.Module) -> None:
+    def __init__(self, vit: nn.Module, attention: Callable[..., torch.Tensor] | None = None) -> None:
+        """``attention(module, x, key_prefix, value_prefix, attn_mask=None, is_causal=False)`` computes a
+        prefixed block's attention (default ``prefix_attention``; LAE passes its compensated variant)."""
         _check_vit(vit)
         self.vit = vit
+        self.attention = attention or prefix_attention
         self._prompt_tokens: torch.Tensor | None = None
         self._prefixes: Mapping[int, Prefix] = {}
         self._hook = vit.norm_pre.register_forward_pre_hook(self._insert_prompt_tokens)
@@ -158,7 +161,7 @@ class PromptedViT:
         prefix = self._prefixes.get(layer)
         if prefix is None or prefix[0].shape[1] == 0:
             return type(attention).forward(attention, x, *args, **kwargs)
-        return prefix_attention(attention, x, *prefix, *args, **kwargs)
+        return self.attention(attention, x, *prefix, *args, **kwargs)
 
 
 def prefixes_for_blocks(prompts: torch.Tensor, blocks: Sequence[int]) -> dict[int, Prefix]:

@@ -1,0 +1,166 @@
+"""LAE (Gao et al., ICCV 2023): Learning-Accumulation-Ensemble with parameter-efficient tuning.
+
+A frozen ViT with a small parameter-efficient module (PET) in two copies: the online PET trains
+with a linear head on each task (learning); after every optimiser step the offline PET moves
+towards it, offline <- ema_decay * offline + (1 - ema_decay) * online (accumulation); each test
+image is classified by whichever copy is more confident: per class, the larger of the two softmax
+probabilities, as the official code stacks and max-reduces them (ensemble).
+
+The PET is LAE's "Prefix", the one PILOT's LAE config runs: in each of ``adapt_blocks``, ``pet_length``
+key and value prefixes (init U(0, 0.01)) times a learnable scalar per key/value (init 1), in
+"compensatory" attention, which rescales the prefix's attention weights to sum to one.
+
+Task rules from the official code (gqk/LAE), where PILOT differs: the offline PET is created as a copy
+of the online one when the second task starts (before that, the online PET alone predicts), and only
+from the second task on does the PET stay frozen for the first ``num_freeze_epochs`` epochs while the
+head adapts (PILOT copies at initialisation and freezes in every task). The head, shared by both
+PETs, is initialised N(0, 0.001) as the official head. Key names and values: PILOT's exps/lae.json.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pilot.data.stream import Task
+from pilot.errors import PilotError
+from pilot.learners import register_learner
+from pilot.merge import ema_update
+from pilot.modules.prompting import GeneralPrompt, PromptedViT, prefixes_for_blocks
+from pilot.training import GradientLearner, TrainConfig, validate_train_config
+
+
+@dataclass
+class LAEConfig(TrainConfig):
+    tuned_epoch: int = 5
+    init_lr: float = 0.0028125
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    min_lr: float = 1e-5
+    optimizer: str = "adam"
+    scheduler: str = "constant"
+    ema_decay: float = 0.9999
+    # From the second task on, the PET is frozen (the head alone trains) for this many epochs.
+    num_freeze_epochs: int = 3
+    pet_cls: str = "Prefix"
+    pet_length: int = 10
+    # Blocks that get prefixes (the official config key; PILOT hard-codes blocks 0-4).
+    adapt_blocks: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+
+
+def compensated_prefix_attention(attention: nn.Module, x: torch.Tensor, key_prefix: torch.Tensor,
+                                 value_prefix: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+    """timm ``Attention`` on ``x`` with key/value prefixes [B, Lp, D] whose softmax weights are renormalised
+    to sum to one (LAE's compensatory prefix): (1 - lambda) * attention over the tokens + attention over the
+    prefix alone, where lambda is the softmax mass the prefix takes from each query."""
+    if attn_mask is not None or is_causal:
+        raise NotImplementedError("compensated prefixes do not support attention masks")
+    batch, length, _ = x.shape
+    heads = attention.num_heads
+    q, k, v = attention.qkv(x).reshape(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = getattr(attention, "q_norm", nn.Identity())(q), getattr(attention, "k_norm", nn.Identity())(k)
+    key_prefix, value_prefix = (p.unflatten(-1, (heads, -1)).transpose(1, 2).to(q.dtype)
+                                for p in (key_prefix, value_prefix))
+    prefix_length = key_prefix.shape[2]
+    weights = (q @ torch.cat([key_prefix, k], dim=2).transpose(-2, -1) * attention.scale).softmax(dim=-1)
+    weights = attention.attn_drop(weights)
+    prefix_weights, token_weights = weights.split([prefix_length, length], dim=-1)
+    prefix_weights = prefix_weights / prefix_weights.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+    out = prefix_weights @ value_prefix + token_weights @ v
+    out = getattr(attention, "norm", nn.Identity())(out.transpose(1, 2).reshape(batch, length, -1))
+    if getattr(attention, "gate", None) is not None:  # gated attention of recent timm releases
+        out = out * attention.gate(x).sigmoid()
+    return attention.proj_drop(attention.proj(out))
+
+
+class PrefixPET(nn.Module):
+    """LAE's Prefix PET: per block, key and value prefixes of ``length`` tokens, U(0, 0.01), each scaled by a
+    learnable scalar (init 1). ``forward(batch)`` gives [B, blocks, 2, length, D] for ``prefixes_for_blocks``."""
+
+    def __init__(self, length: int, embed_dim: int, num_blocks: int):
+        super().__init__()
+        self.tokens = GeneralPrompt(length, embed_dim, num_blocks, prefix=True, init="zero")
+        nn.init.uniform_(self.tokens.prompts, 0.0, 0.01)
+        self.scales = nn.Parameter(torch.ones(num_blocks, 2, 1, 1))
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.tokens(batch_size) * self.scales
+
+
+@register_learner("lae")
+class LAE(GradientLearner):
+    config_class = LAEConfig
+
+    def __init__(self, config: LAEConfig, ctx):
+        super().__init__(config, ctx)
+        vit = ctx.backbone.model
+        try:
+            self.prompts = PromptedViT(vit, attention=compensated_prefix_attention)
+        except PilotError as err:
+            raise PilotError(f"lae needs a timm ViT backbone ({err}); set backbone_type to a ViT.") from None
+        vit.requires_grad_(False)  # one copy of the ViT, shared by both PETs
+        if any(not 0 <= b < len(vit.blocks) for b in config.adapt_blocks):
+            raise PilotError(f"adapt_blocks {config.adapt_blocks} names blocks outside the backbone's "
+                             f"0..{len(vit.blocks) - 1}.")
+        self.net["online"] = PrefixPET(config.pet_length, vit.embed_dim, len(config.adapt_blocks))
+        self.net["offline"] = copy.deepcopy(self.net["online"]).requires_grad_(False)  # replaced when task 2 starts
+        self.net["head"] = nn.Linear(ctx.backbone.feature_dim, ctx.stream.num_classes)
+        nn.init.normal_(self.net["head"].weight, std=0.001)
+        nn.init.zeros_(self.net["head"].bias)
+        self.net.to(ctx.device)
+
+    @classmethod
+    def validate_config(cls, config: LAEConfig) -> None:
+        validate_train_config(config)
+        if config.pet_cls != "Prefix":
+            raise PilotError(f"pet_cls '{config.pet_cls}' is not implemented; lae runs LAE's 'Prefix' PET "
+                             f"(the one PILOT's exps/lae.json uses).")
+        if config.pet_length < 1 or not 0 <= config.ema_decay <= 1:
+            raise PilotError("pet_length must be >= 1 and ema_decay must lie in [0, 1].")
+        if config.tuned_epoch and not 0 <= config.num_freeze_epochs < config.tuned_epoch:
+            raise PilotError(f"num_freeze_epochs ({config.num_freeze_epochs}) must lie in 0..tuned_epoch - 1 "
+                             f"({config.tuned_epoch - 1}): otherwise the PET never trains after the first task.")
+
+    @property
+    def has_offline(self) -> bool:
+        """The offline PET exists from the second task on."""
+        return self.num_seen > self.ctx.stream.tasks[0].num_seen
+
+    def trainable(self) -> list[nn.Parameter]:
+        return list(self.net["online"].parameters()) + list(self.net["head"].parameters())
+
+    def begin_task(self, task: Task) -> None:
+        if task.index == 1:
+            self.net["offline"].load_state_dict(self.net["online"].state_dict())
+
+    def begin_epoch(self, task: Task, epoch: int) -> None:
+        # A frozen PET gets no gradient, so the optimiser skips it (the official freeze(pets)).
+        frozen = task.index > 0 and epoch < self.config.num_freeze_epochs
+        self.net["online"].requires_grad_(not frozen)
+
+    def train_step(self, images, labels, task, optimizer, parameters) -> float:
+        loss = super().train_step(images, labels, task, optimizer, parameters)
+        if self.has_offline:
+            ema_update(self.net["offline"], self.net["online"], self.config.ema_decay)
+        return loss
+
+    def pet_logits(self, images: torch.Tensor, pet: PrefixPET) -> torch.Tensor:
+        """Head logits over all classes of the frozen ViT with ``pet``'s prefixes."""
+        prefixes = prefixes_for_blocks(pet(images.shape[0]), self.config.adapt_blocks)
+        with self.prompts.use(prefixes=prefixes):
+            return self.net["head"](self.ctx.backbone(images))
+
+    def train_outputs(self, images: torch.Tensor, labels: torch.Tensor, task: Task):
+        logits = self.pet_logits(images, self.net["online"])
+        return logits, torch.zeros((), device=logits.device)
+
+    def eval_logits(self, images: torch.Tensor, queries: Optional[torch.Tensor]) -> torch.Tensor:
+        """Log of the per-class maximum of the online and offline softmax over the seen classes."""
+        probabilities = self.pet_logits(images, self.net["online"])[:, : self.num_seen].float().softmax(dim=1)
+        if self.has_offline:
+            offline = self.pet_logits(images, self.net["offline"])[:, : self.num_seen].float().softmax(dim=1)
+            probabilities = torch.maximum(probabilities, offline)
+        return probabilities.log()

@@ -1,0 +1,95 @@
+"""APER with adapters on the shared loop (tiny random ViT, synthetic images; DeiT-Tiny when the assets exist)."""
+import pytest
+import torch
+
+from pilot.config import build_config
+from pilot.engine import Run, run_experiment
+from pilot.learners.simplecil import cosine_logits
+
+from conftest import ASSETS, requires_assets, tiny_raw
+from test_engine import Killed, die_at_task
+
+
+def aper_config(tmp_path, **overrides):
+    return build_config(tiny_raw(tmp_path, **{"model_name": "aper_adapter", "tuned_epoch": 1, "batch_size": 8,
+                                              **overrides}))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A run through all 4 tasks with first-task adaptation (1 epoch)."""
+    run = Run(aper_config(tmp_path_factory.mktemp("run")))
+    return run, run.execute()
+
+
+@torch.no_grad()
+def encode(encoder, run, split):
+    encoder.eval()
+    return torch.cat([encoder(images) for images, _, _ in run.ctx.eval_loader(split)])
+
+
+def test_prototypes_are_class_means_of_pretrained_and_adapted_features(finished_run, tmp_path):
+    run, _ = finished_run
+    learner = run.learner
+    # The pretrained branch is the stock ViT: the features SimpleCIL sees with the same weights.
+    stock = Run(build_config(tiny_raw(tmp_path)))
+
+    def combined(split):
+        return torch.cat([encode(stock.ctx.backbone, stock, split), encode(learner.encoder, run, split)], dim=1)
+
+    train = [task.train for task in run.stream.tasks]
+    features = torch.cat([combined(split) for split in train])
+    labels = torch.cat([torch.as_tensor(split.labels) for split in train])
+    means = torch.stack([features[labels == c].mean(0) for c in range(run.stream.num_classes)])
+    torch.testing.assert_close(learner.prototypes, means, rtol=1e-4, atol=1e-5)
+    for task in run.stream.tasks:
+        torch.testing.assert_close(learner.predict(task.test), cosine_logits(combined(task.test), means),
+                                   rtol=1e-4, atol=1e-5)
+    adapted_part = learner.prototypes[:, run.ctx.backbone.feature_dim:]
+    assert not torch.allclose(adapted_part, means[:, :run.ctx.backbone.feature_dim]), "adapters had no effect"
+
+
+def test_end_to_end_adapts_once_and_keeps_the_vit_frozen(finished_run):
+    run, result = finished_run
+    assert result["status"] == "complete" and len(result["accuracy_curve"]) == 4
+    assert result["last_accuracy"] > 50  # 10 classes: chance is 10%
+    assert list(run.learner.net) == ["adapters"]
+    assert not any(p.requires_grad for p in run.ctx.backbone.parameters())
+    assert not any(p.requires_grad for p in run.learner.net.parameters())
+
+
+def test_each_image_is_encoded_once_per_branch(finished_run):
+    run, result = finished_run
+    images = sum(len(task.train) + len(task.test) for task in run.stream.tasks)
+    assert run.ctx.features.encoded_images == images
+    assert result["timings"]["encoded_images"] == 2 * images
+
+
+def test_without_adaptation_one_store_serves_both_branches(tmp_path):
+    run = Run(aper_config(tmp_path, tuned_epoch=0))
+    result = run.execute()
+    assert result["timings"]["encoded_images"] == sum(len(t.train) + len(t.test) for t in run.stream.tasks)
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(finished_run, tmp_path, monkeypatch):
+    _, uninterrupted = finished_run
+    config = aper_config(tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(Run, "_step", die_at_task(2))
+        with pytest.raises(Killed):
+            run_experiment(config)
+    resumed = run_experiment(config, resume=True)[0]
+    assert resumed["counts"] == uninterrupted["counts"]
+    assert resumed["accuracy_curve"] == uninterrupted["accuracy_curve"]
+
+
+@requires_assets
+def test_on_real_weights_and_data(tmp_path):
+    config = build_config(tiny_raw(
+        tmp_path, model_name="aper_adapter", dataset="cifar224", data_path=str(ASSETS), download=False,
+        backbone_type="deit_tiny_patch16_224", pretrained=True, backbone_args={}, weights_dir=str(ASSETS),
+        init_cls=10, increment=10, seed=[1993], train_per_class=2, test_per_class=2, max_tasks=2, tuned_epoch=1))
+    (result,) = run_experiment(config)
+    assert result["timings"]["encoded_images"] == 2 * 20 * (2 + 2)
+    # 10-way and 20-way chance are 10% and 5%
+    assert result["accuracy_curve"][0] > 35 and result["accuracy_curve"][1] > 30
