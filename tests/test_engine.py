@@ -194,3 +194,16 @@ def test_help_and_console_script(capsys):
     assert "--resume" in out and "--set KEY=VALUE" in out and "exps/quickstart.json" in out
     scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
     assert scripts.get("pilot") == "pilot.cli:main"
+
+
+def test_corrupt_dataset_via_cli_writes_nothing(tmp_path, capsys):
+    folder = tmp_path / "data" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for member in ("train", "test", "meta"):
+        (folder / member).write_bytes(b"\x80\x04 truncated")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_raw(tmp_path, dataset="cifar224", data_path=str(tmp_path / "data"), download=False)))
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt or truncated" in err and "Traceback" not in err
+    assert not (tmp_path / "logs").exists()
