@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from pilot.config import build_config
+from pilot.engine import Run, run_experiment
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 DEIT_WEIGHTS = ASSETS / "deit_tiny_patch16_224.safetensors"
@@ -36,3 +37,37 @@ def tiny_config(tmp_path):
         return build_config(tiny_raw(tmp_path, **overrides))
 
     return make
+
+
+def real_raw(tmp_path: Path, **overrides) -> dict:
+    """A flat config for DeiT-Tiny on CIFAR-100 from the shared assets (B0 Inc10, seed 1993)."""
+    return tiny_raw(tmp_path, **{
+        "dataset": "cifar224", "data_path": str(ASSETS), "download": False,
+        "backbone_type": "deit_tiny_patch16_224", "pretrained": True, "backbone_args": {},
+        "weights_dir": str(ASSETS), "init_cls": 10, "increment": 10, "seed": [1993], **overrides})
+
+
+class Killed(Exception):
+    pass
+
+
+def die_at_task(index):
+    """Patch for Run._step: raise (as a kill would) before task ``index`` starts."""
+    step = Run._step
+
+    def wrapped(self, task, log, scalars):
+        if task.index == index:
+            raise Killed
+        step(self, task, log, scalars)
+
+    return wrapped
+
+
+def killed_then_resumed(config, kill_before_task: int = 2) -> dict:
+    """Run ``config`` until a simulated kill before ``kill_before_task``, then resume it to the end."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Run, "_step", die_at_task(kill_before_task))
+        with pytest.raises(Killed):
+            run_experiment(config)
+    (resumed,) = run_experiment(config, resume=True)
+    return resumed

@@ -6,8 +6,7 @@ from pilot.config import build_config
 from pilot.engine import Run, run_experiment
 from pilot.learners.simplecil import cosine_logits
 
-from conftest import ASSETS, requires_assets, tiny_raw
-from test_engine import Killed, die_at_task
+from conftest import killed_then_resumed, real_raw, requires_assets, tiny_raw
 
 
 def aper_config(tmp_path, **overrides):
@@ -71,24 +70,18 @@ def test_without_adaptation_one_store_serves_both_branches(tmp_path):
     assert result["timings"]["encoded_images"] == sum(len(t.train) + len(t.test) for t in run.stream.tasks)
 
 
-def test_resume_after_a_kill_matches_an_uninterrupted_run(finished_run, tmp_path, monkeypatch):
+def test_resume_after_a_kill_matches_an_uninterrupted_run(finished_run, tmp_path):
     _, uninterrupted = finished_run
     config = aper_config(tmp_path)
-    with monkeypatch.context() as patch:
-        patch.setattr(Run, "_step", die_at_task(2))
-        with pytest.raises(Killed):
-            run_experiment(config)
-    resumed = run_experiment(config, resume=True)[0]
+    resumed = killed_then_resumed(config)
     assert resumed["counts"] == uninterrupted["counts"]
     assert resumed["accuracy_curve"] == uninterrupted["accuracy_curve"]
 
 
 @requires_assets
 def test_on_real_weights_and_data(tmp_path):
-    config = build_config(tiny_raw(
-        tmp_path, model_name="aper_adapter", dataset="cifar224", data_path=str(ASSETS), download=False,
-        backbone_type="deit_tiny_patch16_224", pretrained=True, backbone_args={}, weights_dir=str(ASSETS),
-        init_cls=10, increment=10, seed=[1993], train_per_class=2, test_per_class=2, max_tasks=2, tuned_epoch=1))
+    config = build_config(real_raw(
+        tmp_path, model_name="aper_adapter", train_per_class=2, test_per_class=2, max_tasks=2, tuned_epoch=1))
     (result,) = run_experiment(config)
     assert result["timings"]["encoded_images"] == 2 * 20 * (2 + 2)
     # 10-way and 20-way chance are 10% and 5%

@@ -5,8 +5,7 @@ import torch
 from pilot.config import build_config
 from pilot.engine import Run, run_experiment
 
-from conftest import ASSETS, requires_assets, tiny_raw
-from test_engine import Killed, die_at_task
+from conftest import killed_then_resumed, real_raw, requires_assets, tiny_raw
 
 
 def cofima_raw(tmp_path, **overrides) -> dict:
@@ -66,14 +65,10 @@ def test_merge_combines_previous_final_model_and_trained_model_by_their_fishers(
         assert any(f.max() >= 1e-4 for f in recorded["fisher"].values()), "the cap is never reached"
 
 
-def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     uninterrupted = run_experiment(build_config(cofima_raw(tmp_path / "full")))[0]
     config = build_config(cofima_raw(tmp_path / "killed"))
-    with monkeypatch.context() as patch:
-        patch.setattr(Run, "_step", die_at_task(2))
-        with pytest.raises(Killed):
-            run_experiment(config)
-    resumed = run_experiment(config, resume=True)[0]
+    resumed = killed_then_resumed(config)
     assert uninterrupted["status"] == "complete" and len(uninterrupted["accuracy_curve"]) == 4
     assert resumed["counts"] == uninterrupted["counts"]
     assert resumed["accuracy_curve"] == uninterrupted["accuracy_curve"]
@@ -82,10 +77,8 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch)
 @requires_assets
 def test_real_deit_tiny_smoke(tmp_path):
     """Real weights and images through training, Fisher, merge and alignment (P1 measures accuracy)."""
-    config = build_config(tiny_raw(
-        tmp_path, model_name="cofima", dataset="cifar224", data_path=str(ASSETS), download=False,
-        backbone_type="deit_tiny_patch16_224", pretrained=True, backbone_args={}, weights_dir=str(ASSETS),
-        init_cls=10, increment=10, seed=[1993], train_per_class=3, test_per_class=2, max_tasks=2,
+    config = build_config(real_raw(
+        tmp_path, model_name="cofima", train_per_class=3, test_per_class=2, max_tasks=2,
         epochs=2, milestones=[], batch_size=3,
     ))
     (result,) = run_experiment(config)

@@ -8,7 +8,7 @@ from pilot import engine
 from pilot.cli import main
 from pilot.engine import Run, run_experiment
 
-from conftest import tiny_raw
+from conftest import Killed, die_at_task, tiny_raw
 
 
 def only_result(config, resume=False):
@@ -43,22 +43,6 @@ def test_same_seed_gives_identical_metrics(tmp_path):
     a = only_result(build_config(tiny_raw(tmp_path / "a", model_name="linear_probe", tuned_epoch=3)))
     b = only_result(build_config(tiny_raw(tmp_path / "b", model_name="linear_probe", tuned_epoch=3)))
     assert a["counts"] == b["counts"] and a["accuracy_curve"] == b["accuracy_curve"]
-
-
-class Killed(Exception):
-    pass
-
-
-def die_at_task(index):
-    """Patch for Run._step: raise (as a kill would) before task ``index`` starts."""
-    step = Run._step
-
-    def wrapped(self, task, log, scalars):
-        if task.index == index:
-            raise Killed
-        step(self, task, log, scalars)
-
-    return wrapped
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch):

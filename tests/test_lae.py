@@ -9,8 +9,7 @@ from pilot.learners import lae as lae_module
 from pilot.learners.lae import compensated_prefix_attention
 from pilot.merge import ema_update
 
-from conftest import ASSETS, requires_assets, tiny_raw
-from test_engine import Killed, die_at_task
+from conftest import killed_then_resumed, real_raw, requires_assets, tiny_raw
 
 
 def lae_raw(tmp_path, **overrides) -> dict:
@@ -92,15 +91,11 @@ def test_compensated_prefix_attention_rescales_the_prefix_weights_to_sum_to_one(
         torch.testing.assert_close(attention(x), type(attention).forward(attention, x))
 
 
-def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     overrides = dict(tuned_epoch=2, num_freeze_epochs=1, ema_decay=0.5)
     uninterrupted = run_experiment(build_config(lae_raw(tmp_path / "full", **overrides)))[0]
     config = build_config(lae_raw(tmp_path / "killed", **overrides))
-    with monkeypatch.context() as patch:
-        patch.setattr(Run, "_step", die_at_task(2))
-        with pytest.raises(Killed):
-            run_experiment(config)
-    resumed = run_experiment(config, resume=True)[0]
+    resumed = killed_then_resumed(config)
     assert uninterrupted["status"] == "complete" and len(uninterrupted["accuracy_curve"]) == 4
     assert resumed["counts"] == uninterrupted["counts"]
 
@@ -118,10 +113,8 @@ def test_bad_settings_are_clear_errors(tmp_path, overrides, message):
 @requires_assets
 def test_real_deit_tiny_smoke(tmp_path):
     """Real weights and images through both PETs (P1 measures accuracy)."""
-    config = build_config(tiny_raw(
-        tmp_path, model_name="lae", dataset="cifar224", data_path=str(ASSETS), download=False,
-        backbone_type="deit_tiny_patch16_224", pretrained=True, backbone_args={}, weights_dir=str(ASSETS),
-        init_cls=10, increment=10, seed=[1993], train_per_class=3, test_per_class=2, max_tasks=2,
+    config = build_config(real_raw(
+        tmp_path, model_name="lae", train_per_class=3, test_per_class=2, max_tasks=2,
         tuned_epoch=2, num_freeze_epochs=1, batch_size=3,
     ))
     (result,) = run_experiment(config)

@@ -7,8 +7,7 @@ from pilot.config import build_config
 from pilot.data.stream import Split
 from pilot.engine import Run, run_experiment
 
-from conftest import ASSETS, requires_assets, tiny_raw
-from test_engine import Killed, die_at_task
+from conftest import killed_then_resumed, real_raw, requires_assets, tiny_raw
 
 PROMPT_LEARNERS = ["l2p", "dualprompt", "coda_prompt"]
 # Five blocks: DualPrompt's prefixes go to blocks 0-4, CODA's to 0-4.
@@ -63,14 +62,10 @@ def test_predictions_do_not_depend_on_the_batch(trained_run):
     assert torch.equal(one_by_one.argmax(1), all_at_once.argmax(1))
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_matches_an_uninterrupted_run(tmp_path):
     uninterrupted = run_experiment(prompt_config(tmp_path / "full", "coda_prompt"))[0]
     config = prompt_config(tmp_path / "killed", "coda_prompt")
-    with monkeypatch.context() as patch:
-        patch.setattr(Run, "_step", die_at_task(2))
-        with pytest.raises(Killed):
-            run_experiment(config)
-    resumed = run_experiment(config, resume=True)[0]
+    resumed = killed_then_resumed(config)
     assert resumed["counts"] == uninterrupted["counts"]
 
 
@@ -95,10 +90,8 @@ def test_prompt_layers_outside_the_backbone_are_a_clear_error(tmp_path):
 @pytest.mark.parametrize("name", PROMPT_LEARNERS)
 def test_real_deit_tiny_smoke(tmp_path, name):
     """Real weights and images through the whole path; accuracy is checked on protocol P1 (README)."""
-    config = build_config(tiny_raw(
-        tmp_path, model_name=name, dataset="cifar224", data_path=str(ASSETS), download=False,
-        backbone_type="deit_tiny_patch16_224", pretrained=True, backbone_args={}, weights_dir=str(ASSETS),
-        init_cls=10, increment=10, seed=[1993], train_per_class=2, test_per_class=2, max_tasks=1,
+    config = build_config(real_raw(
+        tmp_path, model_name=name, train_per_class=2, test_per_class=2, max_tasks=1,
         tuned_epoch=1, batch_size=10,
     ))
     run = Run(config)

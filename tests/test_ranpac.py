@@ -8,8 +8,7 @@ from pilot.errors import PilotError
 from pilot.learners import ranpac
 from pilot.ridge import select_lambda
 
-from conftest import ASSETS, requires_assets, tiny_raw
-from test_engine import Killed, die_at_task
+from conftest import killed_then_resumed, real_raw, requires_assets, tiny_raw
 
 
 def ranpac_config(tmp_path, **overrides):
@@ -113,24 +112,18 @@ def test_negative_projection_width_is_refused(tmp_path):
         ranpac_config(tmp_path, M=-1)
 
 
-def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     uninterrupted = run_experiment(ranpac_config(tmp_path / "full"))[0]
     config = ranpac_config(tmp_path / "killed")
-    with monkeypatch.context() as patch:
-        patch.setattr(Run, "_step", die_at_task(2))
-        with pytest.raises(Killed):
-            run_experiment(config)
-    resumed = run_experiment(config, resume=True)[0]
+    resumed = killed_then_resumed(config)
     assert resumed["counts"] == uninterrupted["counts"]
     assert resumed["accuracy_curve"] == uninterrupted["accuracy_curve"]
 
 
 @requires_assets
 def test_on_real_weights_and_data(tmp_path):
-    config = build_config(tiny_raw(
-        tmp_path, model_name="ranpac", dataset="cifar224", data_path=str(ASSETS), download=False,
-        backbone_type="deit_tiny_patch16_224", pretrained=True, backbone_args={}, weights_dir=str(ASSETS),
-        init_cls=10, increment=10, seed=[1993], train_per_class=2, test_per_class=2, max_tasks=2,
+    config = build_config(real_raw(
+        tmp_path, model_name="ranpac", train_per_class=2, test_per_class=2, max_tasks=2,
         tuned_epoch=1, M=2000))
     (result,) = run_experiment(config)
     assert result["timings"]["encoded_images"] == 20 * (2 + 2)

@@ -5,7 +5,7 @@ import torch
 
 from pilot.engine import Run, run_experiment
 
-from conftest import ASSETS, DEIT_WEIGHTS, requires_assets, tiny_raw
+from conftest import DEIT_WEIGHTS, real_raw, requires_assets
 
 pytestmark = requires_assets
 
@@ -14,10 +14,8 @@ pytestmark = requires_assets
 def real_config(tmp_path):
     from pilot.config import build_config
 
-    return build_config(tiny_raw(
-        tmp_path, dataset="cifar224", data_path=str(ASSETS), download=False,
-        backbone_type="deit_tiny_patch16_224", pretrained=True, backbone_args={}, weights_dir=str(ASSETS),
-        init_cls=10, increment=10, seed=[1993], train_per_class=3, test_per_class=3, max_tasks=2,
+    return build_config(real_raw(
+        tmp_path, train_per_class=3, test_per_class=3, max_tasks=2,
     ))
 
 

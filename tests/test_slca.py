@@ -8,7 +8,7 @@ from pilot.config import build_config
 from pilot.engine import Run, run_experiment
 from pilot.learners.slca import CA_SAMPLES_PER_CLASS, COVARIANCE_RIDGE, normalise_logits
 
-from conftest import ASSETS, requires_assets, tiny_raw
+from conftest import real_raw, requires_assets, tiny_raw
 
 
 def slca_run(tmp_path, **overrides) -> Run:
@@ -123,10 +123,8 @@ def test_bad_milestones_and_single_image_classes_are_clear_errors(tmp_path):
 @requires_assets
 def test_real_deit_tiny_smoke(tmp_path):
     """Real weights and images through training, statistics and alignment (P1 measures accuracy)."""
-    config = build_config(tiny_raw(
-        tmp_path, model_name="slca", dataset="cifar224", data_path=str(ASSETS), download=False,
-        backbone_type="deit_tiny_patch16_224", pretrained=True, backbone_args={}, weights_dir=str(ASSETS),
-        init_cls=10, increment=10, seed=[1993], train_per_class=3, test_per_class=2, max_tasks=2,
+    config = build_config(real_raw(
+        tmp_path, model_name="slca", train_per_class=3, test_per_class=2, max_tasks=2,
         epochs=2, milestones=[], batch_size=3,
     ))
     (result,) = run_experiment(config)
