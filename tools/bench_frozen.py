@@ -1,7 +1,10 @@
 """Benchmark: a frozen-feature learner's whole run against bare backbone passes over the same images.
 
 Reference protocol P0 (README): cifar224, B0 Inc10, seed 1993, DeiT-Tiny, first 20 training and
-first 10 test images per class. Learners: ``simplecil``, ``ranpac`` (no adaptation, M = 10000).
+first 10 test images per class. Learners: ``simplecil``, ``ranpac`` (no adaptation, M = 10000),
+``aper_adapter`` (adapters trained 1 epoch on the first task; its two branches, pretrained and
+adapted, each encode every image once, so its bare cost is two passes per image, and the
+adaptation's training time, logged by the learner, is reported apart).
 Both measurements run in this one process, back to back:
 
 - bare: every image of the protocol (3,000) loaded, eval-transformed and passed through the
@@ -33,7 +36,8 @@ from pilot.backbones import create_backbone
 from pilot.engine import run_experiment
 
 
-LEARNER_KEYS = {"simplecil": {}, "ranpac": {"tuned_epoch": 0, "M": 10000}}
+LEARNER_KEYS = {"simplecil": {}, "ranpac": {"tuned_epoch": 0, "M": 10000}, "aper_adapter": {"tuned_epoch": 1}}
+BRANCHES = {"aper_adapter": 2}  # encoder passes per image the learner needs
 
 
 def protocol_config(assets: Path, log_dir: str, learner: str = "simplecil") -> dict:
@@ -66,13 +70,14 @@ def bare_passes(raw: dict) -> tuple[float, int]:
 
 
 def whole_run(raw: dict) -> tuple[float, dict, float]:
-    """Seconds of the whole run, its results, and the seconds of RanPAC's ridge work in its log."""
+    """Seconds of the whole run, its results, and the seconds of work that is not encoding, as the
+    learner logs it (RanPAC's ridge selection, accumulation and solve; APER's adapter training)."""
     started = time.perf_counter()
     (result,) = run_experiment(build_config(raw))
     seconds = time.perf_counter() - started
     log = (Path(result["run_dir"]) / "run.log").read_text()
-    ridge = sum(map(float, re.findall(r"(?:selection|accumulation|solve) ([0-9.]+)s", log)))
-    return seconds, result, ridge
+    other = re.findall(r"(?:selection|accumulation|solve|adapted on the first task in) ([0-9.]+)s", log)
+    return seconds, result, sum(map(float, other))
 
 
 def main() -> None:
@@ -83,17 +88,18 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     torch.manual_seed(0)
-    bare_times, run_times, ridge_times = [], [], []
+    bare_times, run_times, other_times = [], [], []
     for round_index in range(args.rounds):
         with tempfile.TemporaryDirectory() as log_dir:
             raw = protocol_config(Path(args.assets), log_dir, args.learner)
             bare_seconds, images = bare_passes(raw)
-            run_seconds, result, ridge_seconds = whole_run(raw)
+            bare_seconds *= BRANCHES.get(args.learner, 1)
+            run_seconds, result, other_seconds = whole_run(raw)
         bare_times.append(bare_seconds)
         run_times.append(run_seconds)
-        ridge_times.append(ridge_seconds)
+        other_times.append(other_seconds)
         print(f"round {round_index + 1}: bare {bare_seconds:.1f}s, whole run {run_seconds:.1f}s, ratio {run_seconds / bare_seconds:.3f}")
-    bare_seconds, run_seconds, ridge_seconds = sum(bare_times), sum(run_times), sum(ridge_times)
+    bare_seconds, run_seconds, other_seconds = sum(bare_times), sum(run_times), sum(other_times)
     figures = {
         "learner": args.learner,
         "rounds": args.rounds,
@@ -103,8 +109,8 @@ def main() -> None:
         "bare_seconds": round(bare_seconds, 2),
         "run_seconds": round(run_seconds, 2),
         "ratio_run_over_bare": round(run_seconds / bare_seconds, 3),
-        "ridge_seconds": round(ridge_seconds, 2),
-        "ratio_run_without_ridge_over_bare": round((run_seconds - ridge_seconds) / bare_seconds, 3),
+        "not_encoding_seconds": round(other_seconds, 2),
+        "ratio_run_without_those_over_bare": round((run_seconds - other_seconds) / bare_seconds, 3),
         "average_incremental_accuracy": round(result["average_incremental_accuracy"], 2),
         "last_accuracy": round(result["last_accuracy"], 2),
         "accuracy_curve": [round(a, 2) for a in result["accuracy_curve"]],

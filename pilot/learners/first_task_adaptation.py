@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,7 @@ class FirstTaskAdaptationLearner(GradientLearner):
     def begin_task(self, task: Task) -> None:
         if task.index == 0 and self.has_adapters:
             self.net["head"] = CosineHead(self.ctx.backbone.feature_dim, len(task.classes)).to(self.ctx.device)
+            self.adaptation_started = time.perf_counter()
 
     def trainable(self) -> list[nn.Parameter]:
         return list(self.net.parameters()) if self.adapting else []
@@ -130,6 +132,8 @@ class FirstTaskAdaptationLearner(GradientLearner):
         if self.adapting:
             del self.net["head"]
             self.freeze_adapters()
+            if self.ctx.log is not None:
+                self.ctx.log.info(f"adapted on the first task in {time.perf_counter() - self.adaptation_started:.2f}s")
         self.update_classifier(task)
 
     def freeze_adapters(self) -> None:
