@@ -28,6 +28,12 @@ def find_runs(paths: list[str]) -> list[Path]:
     return found
 
 
+def load_runs(paths: list[str]) -> tuple[list[Path], list[dict]]:
+    """The run directories under ``paths`` and their results.json contents."""
+    run_dirs = find_runs(paths)
+    return run_dirs, [json.loads((d / "results.json").read_text()) for d in run_dirs]
+
+
 def label(results: dict) -> str:
     config = results["config"]
     prefix = config.get("prefix", "").strip()
@@ -95,11 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="run directories (holding results.json) or folders of runs")
     parser.add_argument("--out", default=None, help="where to write the PNGs (default: the first run's directory)")
     args = parser.parse_args(argv)
-    run_dirs = find_runs(args.runs)
-    if not run_dirs:
+    run_dirs, runs = load_runs(args.runs)
+    if not runs:
         print(f"plot: no results.json under {', '.join(args.runs)}", file=sys.stderr)
         return 2
-    runs = [json.loads((d / "results.json").read_text()) for d in run_dirs]
     out = Path(args.out) if args.out else run_dirs[0]
     out.mkdir(parents=True, exist_ok=True)
     written = [plot_curves(runs, out), plot_forgetting(runs, out)]

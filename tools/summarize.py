@@ -7,13 +7,12 @@ the mean ± standard deviation of Ā and last accuracy over its seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 
 import numpy as np
 
-from plot import find_runs
+from plot import load_runs
 
 
 def run_row(results: dict) -> str:
@@ -43,11 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+")
     args = parser.parse_args(argv)
-    run_dirs = find_runs(args.runs)
-    if not run_dirs:
+    _, runs = load_runs(args.runs)
+    if not runs:
         print(f"summarize: no results.json under {', '.join(args.runs)}", file=sys.stderr)
         return 2
-    runs = [json.loads((d / "results.json").read_text()) for d in run_dirs]
     print("| learner | prefix | seed | accuracy after each task (%) | Ā | last | forgetting | train s | eval s | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(run_row(r) for r in runs))
