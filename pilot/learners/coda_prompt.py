@@ -11,7 +11,7 @@ import torch
 from pilot.errors import PilotError
 from pilot.learners import register_learner
 from pilot.learners.prompt_learner import PromptLearner
-from pilot.modules.prompting import CodaPrompt, prefixes_for_blocks
+from pilot.modules.prompting import CodaPrompt, check_blocks, prefixes_for_blocks
 from pilot.training import TrainConfig, validate_train_config
 
 
@@ -35,7 +35,7 @@ class CodaPromptLearner(PromptLearner):
     def __init__(self, config: CodaPromptConfig, ctx):
         super().__init__(config, ctx)
         components, length, _ = config.prompt_param
-        self.check_blocks("prompt_layer_idx", config.prompt_layer_idx)
+        check_blocks(self.vit, "prompt_layer_idx", config.prompt_layer_idx)
         self.net["coda"] = CodaPrompt(ctx.backbone.feature_dim, ctx.stream.planned_tasks, int(components),
                                       int(length), num_layers=len(config.prompt_layer_idx))
         self.attach()

@@ -11,7 +11,7 @@ import torch
 from pilot.errors import PilotError
 from pilot.learners import register_learner
 from pilot.learners.prompt_learner import PromptLearner
-from pilot.modules.prompting import GeneralPrompt, PromptPool, prefixes_for_blocks, pull_loss
+from pilot.modules.prompting import GeneralPrompt, PromptPool, check_blocks, prefixes_for_blocks, pull_loss
 from pilot.training import TrainConfig, validate_train_config
 
 
@@ -46,8 +46,8 @@ class DualPrompt(PromptLearner):
     def __init__(self, config: DualPromptConfig, ctx):
         super().__init__(config, ctx)
         dim = ctx.backbone.feature_dim
-        self.check_blocks("g_prompt_layer_idx", config.g_prompt_layer_idx)
-        self.check_blocks("e_prompt_layer_idx", config.e_prompt_layer_idx)
+        check_blocks(self.vit, "g_prompt_layer_idx", config.g_prompt_layer_idx)
+        check_blocks(self.vit, "e_prompt_layer_idx", config.e_prompt_layer_idx)
         self.net["g_prompt"] = GeneralPrompt(config.g_prompt_length, dim, len(config.g_prompt_layer_idx),
                                              init=config.initializer)
         self.net["e_pool"] = PromptPool(config.size, config.length, dim, config.top_k,

@@ -29,7 +29,7 @@ from pilot.data.stream import Task
 from pilot.errors import PilotError
 from pilot.learners import register_learner
 from pilot.merge import ema_update
-from pilot.modules.prompting import GeneralPrompt, PromptedViT, prefixes_for_blocks
+from pilot.modules.prompting import GeneralPrompt, PromptedViT, check_blocks, prefixes_for_blocks
 from pilot.training import GradientLearner, TrainConfig, validate_train_config
 
 
@@ -102,9 +102,7 @@ class LAE(GradientLearner):
         except PilotError as err:
             raise PilotError(f"lae needs a timm ViT backbone ({err}); set backbone_type to a ViT.") from None
         vit.requires_grad_(False)  # one copy of the ViT, shared by both PETs
-        if any(not 0 <= b < len(vit.blocks) for b in config.adapt_blocks):
-            raise PilotError(f"adapt_blocks {config.adapt_blocks} names blocks outside the backbone's "
-                             f"0..{len(vit.blocks) - 1}.")
+        check_blocks(vit, "adapt_blocks", config.adapt_blocks)
         self.net["online"] = PrefixPET(config.pet_length, vit.embed_dim, len(config.adapt_blocks))
         self.net["offline"] = copy.deepcopy(self.net["online"]).requires_grad_(False)  # replaced when task 2 starts
         self.net["head"] = nn.Linear(ctx.backbone.feature_dim, ctx.stream.num_classes)

@@ -27,12 +27,6 @@ class PromptLearner(GradientLearner):
         self.vit.requires_grad_(False)  # one copy of the weights, frozen: it also computes the query
         self.net["head"] = nn.Linear(ctx.backbone.feature_dim, ctx.stream.num_classes)
 
-    def check_blocks(self, key: str, blocks: list[int]) -> list[int]:
-        depth = len(self.vit.blocks)
-        if any(not 0 <= b < depth for b in blocks):
-            raise PilotError(f"{key} {blocks} names blocks outside the backbone's 0..{depth - 1}.")
-        return blocks
-
     def attach(self) -> None:
         """Move the method's modules next to the backbone once they are all in ``self.net``."""
         self.net.to(self.ctx.device)

@@ -164,6 +164,13 @@ class PromptedViT:
         return self.attention(attention, x, *prefix, *args, **kwargs)
 
 
+def check_blocks(vit: nn.Module, key: str, blocks: Sequence[int]) -> None:
+    """Config check: every block index named by ``key`` exists in ``vit``."""
+    depth = len(vit.blocks)
+    if any(not 0 <= b < depth for b in blocks):
+        raise PilotError(f"{key} {list(blocks)} names blocks outside the backbone's 0..{depth - 1}.")
+
+
 def prefixes_for_blocks(prompts: torch.Tensor, blocks: Sequence[int]) -> dict[int, Prefix]:
     """Map layer ``j`` of prefix prompts ``[B, num_layers, 2, L, D]`` to ViT block ``blocks[j]``."""
     if prompts.dim() != 5 or prompts.shape[2] != 2:
