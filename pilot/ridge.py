@@ -36,23 +36,109 @@ def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(labels.long(), num_classes).to(torch.float64)
 
 
+def _with_columns(matrix: torch.Tensor, num_columns: int) -> torch.Tensor:
+    """``matrix`` padded with zero columns up to ``num_columns`` (classes arriving)."""
+    return torch.nn.functional.pad(matrix, (0, num_columns - matrix.shape[1]))
+
+
+def _cholesky_solve_shifted(symmetric: torch.Tensor, lam: float, right: torch.Tensor) -> torch.Tensor:
+    """``(S + lam I)^-1 right`` for a positive semi-definite ``S``, by Cholesky (half a general solve's
+    time, and one extra matrix of memory, at M = 10000)."""
+    shifted = symmetric.clone()
+    shifted.diagonal().add_(lam)
+    factor = torch.linalg.cholesky(shifted)
+    del shifted
+    return torch.cholesky_solve(right, factor)
+
+
+class DenseStatistics:
+    """``G`` ([M, M]) and ``Q`` ([M, classes]) as they are."""
+
+    def __init__(self, gram: torch.Tensor, class_sums: torch.Tensor) -> None:
+        self.gram, self.class_sums = gram, class_sums
+
+    def add(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+        self.gram.addmm_(features.T, features)
+        self.class_sums = _with_columns(self.class_sums, targets.shape[1]).addmm_(features.T, targets)
+
+    def solve(self, lam: float) -> torch.Tensor:
+        return _cholesky_solve_shifted(self.gram, lam, self.class_sums)
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gram, self.class_sums
+
+
+class CompactStatistics:
+    """``G = B C B^T`` and ``Q = B P`` with ``B`` ([M, r]) orthonormal spanning the features added so far,
+    ``C`` ([r, r]) and ``P`` ([r, classes]): exact while the rank r is below M, and small while r << M."""
+
+    def __init__(self, basis: torch.Tensor, core: torch.Tensor, class_coordinates: torch.Tensor) -> None:
+        self.basis, self.core, self.class_coordinates = basis, core, class_coordinates
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+    def add(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+        """Extend ``B`` by the new features' directions outside it; ``h^T = B' z`` then adds ``z z^T`` to
+        ``C`` and ``z y`` to ``P``."""
+        basis, columns = self.basis, features.T
+        in_basis = basis.T @ columns
+        residual = columns - basis @ in_basis
+        # Directions of the residual above rounding level (numpy's matrix_rank tolerance, relative to h).
+        q, r = torch.linalg.qr(residual)
+        u, singular, _ = torch.linalg.svd(r)
+        tolerance = max(columns.shape) * torch.finfo(torch.float64).eps * torch.linalg.matrix_norm(columns)
+        new = q @ u[:, singular > tolerance]
+        # One projection leaves rounding-sized parts in B's span, which normalising can magnify:
+        # project these k <= n columns once more where that left them short of orthogonal.
+        overlap = basis.T @ new
+        if overlap.numel() and overlap.abs().max() > 64 * torch.finfo(torch.float64).eps:
+            new, _ = torch.linalg.qr(new - basis @ overlap)
+        self.basis = torch.cat([basis, new], dim=1)
+        coordinates = torch.cat([in_basis, new.T @ columns])  # z
+        rank = self.rank
+        self.core = torch.nn.functional.pad(self.core, (0, rank - len(self.core), 0, rank - len(self.core)))
+        self.core.addmm_(coordinates, coordinates.T)
+        coordinates_of_sums = _with_columns(self.class_coordinates, targets.shape[1])
+        self.class_coordinates = torch.nn.functional.pad(coordinates_of_sums, (0, 0, 0, new.shape[1]))
+        self.class_coordinates.addmm_(coordinates, targets)
+
+    def solve(self, lam: float) -> torch.Tensor:
+        # G + lam I = B (C + lam I) B^T + lam (I - B B^T), and Q = B P lies in B's span.
+        return self.basis @ _cholesky_solve_shifted(self.core, lam, self.class_coordinates)
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.basis @ self.core @ self.basis.T, self.basis @ self.class_coordinates
+
+
 class RidgeState:
     """Running ``G = sum h^T h`` ([M, M]) and ``Q = sum h^T onehot(y)`` ([M, classes]) in float64.
 
     ``Q`` gains zero columns as new classes arrive, so class-incremental tasks just keep adding.
+    ``G`` has rank at most the number of samples added: while that stays within ``M / 4``, both are
+    held exactly in compact form (``CompactStatistics``), where adding ``n`` samples costs O(M r n)
+    rather than O(M^2 n), a solve O(r^3 + M r classes) rather than O(M^3), and a checkpoint holds
+    about M r numbers rather than M^2. Past that they are dense (``DenseStatistics``).
     """
 
     def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
-        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-        self.class_sums = torch.zeros(dim, 0, dtype=torch.float64, device=device)
+        self.dim, self.device = dim, torch.device(device)
+        empty = torch.zeros(dim, 0, dtype=torch.float64, device=device)
+        self.statistics: CompactStatistics | DenseStatistics = CompactStatistics(empty, empty[:0], empty[:0])
+        self.num_classes = 0
 
     @property
-    def dim(self) -> int:
-        return self.gram.shape[0]
+    def is_compact(self) -> bool:
+        return isinstance(self.statistics, CompactStatistics)
 
-    @property
-    def num_classes(self) -> int:
-        return self.class_sums.shape[1]
+    def gram(self) -> torch.Tensor:
+        """``G`` as a dense [M, M] tensor (built from the compact form when that is how it is held)."""
+        return self.statistics.dense()[0]
+
+    def class_sums(self) -> torch.Tensor:
+        """``Q`` as a dense [M, classes] tensor."""
+        return _with_columns(self.statistics.dense()[1], self.num_classes)
 
     def add(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
         """Accumulate features ``[n, M]`` with integer labels in ``[0, num_classes)`` (classes seen so far)."""
@@ -63,35 +149,35 @@ class RidgeState:
             raise PilotError(f"num_classes can only grow: state has {self.num_classes}, got {num_classes}")
         if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
             raise PilotError(f"labels must lie in [0, {num_classes}); pass the number of classes seen so far")
-        grown = torch.zeros(self.dim, num_classes - self.num_classes, dtype=torch.float64, device=self.gram.device)
-        self.class_sums = torch.cat([self.class_sums, grown], dim=1)
-        features = features.detach().to(self.gram.device, torch.float64)
-        self.gram += features.T @ features
-        self.class_sums.index_add_(1, labels.to(self.gram.device).long(), features.T)
+        self.num_classes = num_classes
+        if not len(features):
+            return
+        features = features.detach().to(self.device, torch.float64)
+        targets = _one_hot(labels.to(self.device), num_classes)
+        if self.is_compact and self.statistics.rank + len(features) > self.dim // 4:
+            self.statistics = DenseStatistics(*self.statistics.dense())
+        self.statistics.add(features, targets)
 
     def solve(self, lam: float) -> torch.Tensor:
         """``W_o = (G + lam I)^-1 Q`` ([M, classes], float64); logits are ``h @ W_o``."""
         if lam <= 0:
             raise PilotError(f"ridge lambda must be positive, got {lam}")
-        # G + lam I is symmetric positive definite: Cholesky, built in one M x M buffer, halves
-        # the time and memory of a general solve at M = 10000.
-        regularised = self.gram.clone()
-        regularised.diagonal().add_(lam)
-        factor = torch.linalg.cholesky(regularised)
-        del regularised
-        return torch.cholesky_solve(self.class_sums, factor)
+        return _with_columns(self.statistics.solve(lam), self.num_classes)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The live tensors (a checkpoint writes them out; G is 800 MB at M = 10000)."""
-        return {"gram": self.gram, "class_sums": self.class_sums}
+    def state_dict(self) -> dict:
+        """The live tensors of the form held (at M = 10000 a dense ``G`` is 800 MB)."""
+        return {"num_classes": self.num_classes, "form": "compact" if self.is_compact else "dense",
+                "tensors": vars(self.statistics)}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        gram, class_sums = state["gram"], state["class_sums"]
-        if gram.shape != (self.dim, self.dim) or class_sums.shape[0] != self.dim:
-            raise PilotError(f"ridge state is for dimension {gram.shape[0]}, this one has {self.dim}; "
+    def load_state_dict(self, state: dict) -> None:
+        tensors = state["tensors"]
+        saved_dim = len(next(iter(tensors.values())))
+        if saved_dim != self.dim:
+            raise PilotError(f"ridge state is for dimension {saved_dim}, this one has {self.dim}; "
                              "use the same random-projection size as the saved run")
-        self.gram = gram.to(self.gram.device, torch.float64).clone()
-        self.class_sums = class_sums.to(self.gram.device, torch.float64).clone()
+        form = CompactStatistics if state["form"] == "compact" else DenseStatistics
+        self.statistics = form(**{name: t.to(self.device, torch.float64).clone() for name, t in tensors.items()})
+        self.num_classes = state["num_classes"]
 
 
 def split_fit_val(features: torch.Tensor, labels: torch.Tensor, fit_fraction: float = 0.8,

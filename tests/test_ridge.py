@@ -49,15 +49,49 @@ def test_accumulation_over_calls_equals_one_call_and_grows_classes() -> None:
     in_two.add(h_second, labels_second, num_classes=6)
     in_one = RidgeState(16)
     in_one.add(torch.cat([h_first, h_second]), torch.cat([labels_first, labels_second]), num_classes=6)
-    torch.testing.assert_close(in_two.gram, in_one.gram)
-    torch.testing.assert_close(in_two.class_sums, in_one.class_sums)
-    assert in_two.num_classes == 6 and in_two.gram.dtype == torch.float64
+    torch.testing.assert_close(in_two.gram(), in_one.gram())
+    torch.testing.assert_close(in_two.class_sums(), in_one.class_sums())
+    assert in_two.num_classes == 6 and in_two.gram().dtype == torch.float64
 
     restored = RidgeState(16)
     restored.load_state_dict(in_two.state_dict())
     torch.testing.assert_close(restored.solve(0.1), in_two.solve(0.1))
     with pytest.raises(PilotError, match="only grow"):
         in_two.add(h_first, labels_first, num_classes=3)
+
+
+def test_compact_gram_is_exact_through_rank_deficiency_and_the_switch_to_dense() -> None:
+    """G = B C B^T while the rank is within M/4 (here 64): equal to the dense sum, B orthonormal, and
+    solves equal to a direct ridge solve, also for repeated samples, samples in a 3-dim subspace
+    of earlier ones, and samples just outside it (which one projection leaves short of orthogonal)."""
+    generator = torch.Generator().manual_seed(7)
+    distinct, labels = noisy_classes(30, 256, 4, noise=1.0, seed=8)
+    in_subspace = torch.rand(20, 3, generator=generator, dtype=torch.float64) @ distinct[:3]
+    near_subspace = in_subspace[:5] + 1e-9 * torch.randn(5, 256, generator=generator, dtype=torch.float64)
+    batches = [(distinct, labels), (distinct[:10], labels[:10]),  # a repeat adds no direction
+               (in_subspace, torch.zeros(20, dtype=torch.long)),  # nor do combinations of earlier ones
+               (near_subspace, torch.ones(5, dtype=torch.long)),
+               (noisy_classes(20, 256, 4, noise=1.0, seed=9)[0], labels[:20] + 4),  # rank 55 of 64: compact
+               (noisy_classes(10, 256, 4, noise=1.0, seed=10)[0], labels[:10] + 4)]  # rank 65: dense
+    state, seen_h, seen_y = RidgeState(256), [], []
+    for step, (h, y) in enumerate(batches):
+        state.add(h, y, num_classes=8)
+        seen_h.append(h)
+        seen_y.append(y)
+        assert state.is_compact == (step < 5)
+        if state.is_compact:
+            basis = state.statistics.basis
+            assert basis.shape[1] == [30, 30, 30, 35, 55][step]
+            assert (basis.T @ basis - torch.eye(basis.shape[1], dtype=torch.float64)).abs().max() < 1e-12
+        h_all, targets = torch.cat(seen_h), one_hot(torch.cat(seen_y), 8)
+        torch.testing.assert_close(state.gram(), h_all.T @ h_all)
+        torch.testing.assert_close(state.class_sums(), h_all.T @ targets)
+        for lam in (1e-3, 1.0, 1e4):
+            torch.testing.assert_close(state.solve(lam), direct_ridge(h_all, targets, lam))
+        restored = RidgeState(256)
+        restored.load_state_dict(state.state_dict())
+        assert restored.is_compact == state.is_compact
+        torch.testing.assert_close(restored.solve(1.0), state.solve(1.0))
 
 
 @pytest.mark.parametrize("num_fit", [120, 40])  # more samples than dimensions (primal) and fewer (dual)

@@ -4,7 +4,8 @@ projection with ReLU and a ridge-regression classifier on statistics accumulated
 Follows PILOT's ``models/ranpac.py`` and the official ``RanPAC.py``: after the first task's
 adaptation, each task's training images (eval transform) give features ``h = relu(f W)``;
 ``G += h^T h``, ``Q += h^T y``; lambda is chosen per task on an 80/20 split of that task's ``h``
-alone (MSE to one-hot targets, candidates 10^-8..10^8); ``W_o = (G + lambda I)^-1 Q``.
+alone (MSE to one-hot targets, candidates 10^-8..10^8); ``W_o = (G + lambda I)^-1 Q``
+(``RidgeState`` holds ``G`` and ``Q`` exactly, in a compact form while their rank is small).
 Logits are ``h @ W_o`` as in the official code (there times the head's positive scale, which
 changes no prediction); PILOT's copy feeds ``h`` to a cosine head instead, which also normalises
 each class's column of ``W_o`` and can change predictions.
@@ -84,8 +85,11 @@ class RanPAC(FirstTaskAdaptationLearner):
         solved = time.perf_counter()
         self.lambdas.append(lam)
         (self.ctx.log or logging.getLogger(__name__)).info(
-            f"ranpac task {task.index + 1}: lambda {lam:g}; at dimension {self.ridge.dim}: selection "
+            f"ranpac task {task.index + 1}: lambda {lam:g}; at dimension {self.ridge.dim}, {self.gram_form()}: selection "
             f"{selected - started:.2f}s, accumulation {accumulated - selected:.2f}s, solve {solved - accumulated:.2f}s")
+
+    def gram_form(self) -> str:
+        return f"G compact of rank {self.ridge.statistics.rank}" if self.ridge.is_compact else "G dense"
 
     def predict(self, split: Split) -> torch.Tensor:
         features = self.adapted_features(split)
