@@ -84,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets", default="../shared/assets", help="folder with CIFAR-100 and DeiT-Tiny weights")
     parser.add_argument("--learner", choices=sorted(LEARNER_KEYS), default="simplecil")
-    parser.add_argument("--rounds", type=int, default=2, help="alternate bare / whole run this many times")
+    parser.add_argument("--rounds", type=int, default=3, help="alternate bare / whole run this many times")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     torch.manual_seed(0)
