@@ -8,7 +8,7 @@ from pilot.config import build_config
 from pilot.engine import Run, run_experiment
 from pilot.learners.slca import CA_SAMPLES_PER_CLASS, COVARIANCE_RIDGE, normalise_logits
 
-from conftest import real_raw, requires_assets, tiny_raw
+from conftest import killed_then_resumed, real_raw, requires_assets, tiny_raw
 
 
 def slca_run(tmp_path, **overrides) -> Run:
@@ -110,6 +110,16 @@ def test_end_to_end_checkpoint_holds_backbone_and_statistics(tmp_path):
     checkpoint = torch.load(next((tmp_path / "logs").rglob("checkpoint.pt")), weights_only=False)["learner"]
     assert any(key.startswith("backbone.model.blocks.") for key in checkpoint["net"])
     assert checkpoint["class_covs"].shape == (10, 192, 192)
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
+    def config(folder):
+        return build_config(tiny_raw(tmp_path / folder, model_name="slca", epochs=1, milestones=[]))
+
+    uninterrupted = run_experiment(config("full"))[0]
+    resumed = killed_then_resumed(config("killed"))
+    assert resumed["counts"] == uninterrupted["counts"]
+    assert resumed["accuracy_curve"] == uninterrupted["accuracy_curve"]
 
 
 def test_bad_milestones_and_single_image_classes_are_clear_errors(tmp_path):
