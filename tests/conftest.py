@@ -71,3 +71,13 @@ def killed_then_resumed(config, kill_before_task: int = 2) -> dict:
             run_experiment(config)
     (resumed,) = run_experiment(config, resume=True)
     return resumed
+
+
+def assert_resume_matches_uninterrupted(make_config) -> tuple[dict, dict]:
+    """``make_config(folder)`` run straight through, and killed then resumed, in separate folders:
+    the same per-task counts and curve. Returns (uninterrupted, resumed) results."""
+    (uninterrupted,) = run_experiment(make_config("full"))
+    resumed = killed_then_resumed(make_config("killed"))
+    assert resumed["counts"] == uninterrupted["counts"]
+    assert resumed["accuracy_curve"] == uninterrupted["accuracy_curve"]
+    return uninterrupted, resumed

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from pilot.config import build_config
-from pilot.engine import Run, run_experiment
+from pilot.engine import Run
 
-from conftest import killed_then_resumed, real_raw, requires_assets, tiny_raw
+from conftest import assert_resume_matches_uninterrupted, tiny_raw
 
 
 def cofima_raw(tmp_path, **overrides) -> dict:
@@ -66,22 +66,6 @@ def test_merge_combines_previous_final_model_and_trained_model_by_their_fishers(
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
-    uninterrupted = run_experiment(build_config(cofima_raw(tmp_path / "full")))[0]
-    config = build_config(cofima_raw(tmp_path / "killed"))
-    resumed = killed_then_resumed(config)
+    uninterrupted, _ = assert_resume_matches_uninterrupted(lambda folder: build_config(cofima_raw(tmp_path / folder)))
     assert uninterrupted["status"] == "complete" and len(uninterrupted["accuracy_curve"]) == 4
-    assert resumed["counts"] == uninterrupted["counts"]
-    assert resumed["accuracy_curve"] == uninterrupted["accuracy_curve"]
 
-
-@requires_assets
-def test_real_deit_tiny_smoke(tmp_path):
-    """Real weights and images through training, Fisher, merge and alignment (P1 measures accuracy)."""
-    config = build_config(real_raw(
-        tmp_path, model_name="cofima", train_per_class=3, test_per_class=2, max_tasks=2,
-        epochs=2, milestones=[], batch_size=3,
-    ))
-    (result,) = run_experiment(config)
-    # 10-way and 20-way chance are 10% and 5%. A head trained so (20 SGD steps, 30 images) on frozen
-    # features reaches 35-55% over seeds; CA then fits all heads to the class Gaussians.
-    assert result["accuracy_curve"][0] >= 25 and result["accuracy_curve"][1] >= 20

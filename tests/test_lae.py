@@ -9,7 +9,7 @@ from pilot.learners import lae as lae_module
 from pilot.learners.lae import compensated_prefix_attention
 from pilot.merge import ema_update
 
-from conftest import killed_then_resumed, real_raw, requires_assets, tiny_raw
+from conftest import assert_resume_matches_uninterrupted, real_raw, requires_assets, tiny_raw
 
 
 def lae_raw(tmp_path, **overrides) -> dict:
@@ -93,11 +93,9 @@ def test_compensated_prefix_attention_rescales_the_prefix_weights_to_sum_to_one(
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     overrides = dict(tuned_epoch=2, num_freeze_epochs=1, ema_decay=0.5)
-    uninterrupted = run_experiment(build_config(lae_raw(tmp_path / "full", **overrides)))[0]
-    config = build_config(lae_raw(tmp_path / "killed", **overrides))
-    resumed = killed_then_resumed(config)
+    uninterrupted, _ = assert_resume_matches_uninterrupted(
+        lambda folder: build_config(lae_raw(tmp_path / folder, **overrides)))
     assert uninterrupted["status"] == "complete" and len(uninterrupted["accuracy_curve"]) == 4
-    assert resumed["counts"] == uninterrupted["counts"]
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -5,9 +5,9 @@ import torch
 
 from pilot.config import build_config
 from pilot.data.stream import Split
-from pilot.engine import Run, run_experiment
+from pilot.engine import Run
 
-from conftest import killed_then_resumed, real_raw, requires_assets, tiny_raw
+from conftest import assert_resume_matches_uninterrupted, real_raw, requires_assets, tiny_raw
 
 PROMPT_LEARNERS = ["l2p", "dualprompt", "coda_prompt"]
 # Five blocks: DualPrompt's prefixes go to blocks 0-4, CODA's to 0-4.
@@ -63,10 +63,7 @@ def test_predictions_do_not_depend_on_the_batch(trained_run):
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path):
-    uninterrupted = run_experiment(prompt_config(tmp_path / "full", "coda_prompt"))[0]
-    config = prompt_config(tmp_path / "killed", "coda_prompt")
-    resumed = killed_then_resumed(config)
-    assert resumed["counts"] == uninterrupted["counts"]
+    assert_resume_matches_uninterrupted(lambda folder: prompt_config(tmp_path / folder, "coda_prompt"))
 
 
 def test_logits_of_other_tasks_are_masked_in_training(tmp_path):

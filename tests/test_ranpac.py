@@ -8,7 +8,7 @@ from pilot.errors import PilotError
 from pilot.learners import ranpac
 from pilot.ridge import select_lambda
 
-from conftest import killed_then_resumed, real_raw, requires_assets, tiny_raw
+from conftest import assert_resume_matches_uninterrupted, real_raw, requires_assets, tiny_raw
 
 
 def ranpac_config(tmp_path, **overrides):
@@ -113,11 +113,7 @@ def test_negative_projection_width_is_refused(tmp_path):
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
-    uninterrupted = run_experiment(ranpac_config(tmp_path / "full"))[0]
-    config = ranpac_config(tmp_path / "killed")
-    resumed = killed_then_resumed(config)
-    assert resumed["counts"] == uninterrupted["counts"]
-    assert resumed["accuracy_curve"] == uninterrupted["accuracy_curve"]
+    assert_resume_matches_uninterrupted(lambda folder: ranpac_config(tmp_path / folder))
 
 
 @requires_assets

@@ -8,13 +8,17 @@ from pilot.config import build_config
 from pilot.engine import Run, run_experiment
 from pilot.learners.slca import CA_SAMPLES_PER_CLASS, COVARIANCE_RIDGE, normalise_logits
 
-from conftest import killed_then_resumed, real_raw, requires_assets, tiny_raw
+from conftest import assert_resume_matches_uninterrupted, real_raw, requires_assets, tiny_raw
+
+
+def slca_config(tmp_path, **overrides):
+    raw = tiny_raw(tmp_path, model_name="slca", epochs=1, milestones=[])
+    raw.update(overrides)
+    return build_config(raw)
 
 
 def slca_run(tmp_path, **overrides) -> Run:
-    raw = tiny_raw(tmp_path, model_name="slca", epochs=1, milestones=[])
-    raw.update(overrides)
-    return Run(build_config(raw))
+    return Run(slca_config(tmp_path, **overrides))
 
 
 def first_task_changes(tmp_path, bcb_lrscale):
@@ -105,7 +109,7 @@ def test_logit_normalisation_matches_the_official_formula():
 
 
 def test_end_to_end_checkpoint_holds_backbone_and_statistics(tmp_path):
-    (result,) = run_experiment(build_config(tiny_raw(tmp_path, model_name="slca", epochs=1, milestones=[])))
+    (result,) = run_experiment(slca_config(tmp_path))
     assert result["status"] == "complete" and len(result["accuracy_curve"]) == 4
     checkpoint = torch.load(next((tmp_path / "logs").rglob("checkpoint.pt")), weights_only=False)["learner"]
     assert any(key.startswith("backbone.model.blocks.") for key in checkpoint["net"])
@@ -113,13 +117,7 @@ def test_end_to_end_checkpoint_holds_backbone_and_statistics(tmp_path):
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
-    def config(folder):
-        return build_config(tiny_raw(tmp_path / folder, model_name="slca", epochs=1, milestones=[]))
-
-    uninterrupted = run_experiment(config("full"))[0]
-    resumed = killed_then_resumed(config("killed"))
-    assert resumed["counts"] == uninterrupted["counts"]
-    assert resumed["accuracy_curve"] == uninterrupted["accuracy_curve"]
+    assert_resume_matches_uninterrupted(lambda folder: slca_config(tmp_path / folder))
 
 
 def test_bad_milestones_and_single_image_classes_are_clear_errors(tmp_path):
@@ -131,10 +129,12 @@ def test_bad_milestones_and_single_image_classes_are_clear_errors(tmp_path):
 
 
 @requires_assets
-def test_real_deit_tiny_smoke(tmp_path):
-    """Real weights and images through training, statistics and alignment (P1 measures accuracy)."""
+@pytest.mark.parametrize("learner", ["slca", "cofima"])
+def test_real_deit_tiny_smoke(tmp_path, learner):
+    """Real weights and images through training, statistics and alignment, and for CoFiMA the Fisher
+    estimate and merge (P1 measures accuracy)."""
     config = build_config(real_raw(
-        tmp_path, model_name="slca", train_per_class=3, test_per_class=2, max_tasks=2,
+        tmp_path, model_name=learner, train_per_class=3, test_per_class=2, max_tasks=2,
         epochs=2, milestones=[], batch_size=3,
     ))
     (result,) = run_experiment(config)
