@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     warnings.formatwarning = lambda message, *_, **__: f"pilot: warning: {message}\n"
     try:
-        from pilot.config import load_config
+        from pilot.configure import load_config
         from pilot.engine import run_experiment, summary_line
 
         overrides = args.overrides + (["progress=false"] if args.quiet else [])

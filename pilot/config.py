@@ -5,6 +5,8 @@ between :class:`ExperimentConfig` (what every run has: data, stream, backbone, s
 the learner's own dataclass (its hyperparameters, with the method's published defaults), chosen by
 ``model_name``. Unknown keys are errors naming the closest valid key; PILOT keys that mean nothing
 here are accepted with a single warning.
+
+This module knows no learner: ``pilot.configure`` looks the learner up and calls ``assemble_config``.
 """
 from __future__ import annotations
 
@@ -35,6 +37,10 @@ IGNORED_PILOT_KEYS = frozenset({
     # prompts per image, so PILOT's `batchwise_prompt: true` is ignored (with the warning).
     "batchwise_prompt",
 })
+
+# PILOT's learners name one setting differently (SLCA: epochs, lrate, lrate_decay): each alias is
+# accepted for the learner field it names; results.json records the field's name.
+PILOT_KEY_ALIASES = {"epochs": "tuned_epoch", "lrate": "init_lr", "lrate_decay": "lr_decay"}
 
 
 @dataclass
@@ -158,19 +164,34 @@ def _validate_experiment(exp: ExperimentConfig) -> None:
             raise PilotError(f"{key} must be 0 (no limit) or positive (got {getattr(exp, key)}).")
 
 
-def build_config(raw: dict[str, Any]) -> RunConfig:
-    """Validate a flat PILOT-style dict and split it into experiment and learner configs."""
-    from pilot.learners import learner_class, learner_names
+def canonical_keys(values: dict[str, Any], fields: set[str], source: str) -> dict[str, Any]:
+    """``values`` with PILOT's alternative names renamed to the learner's field names.
 
-    model_name = raw.get("model_name", ExperimentConfig.model_name)
-    if not isinstance(model_name, str):
-        raise PilotError(f"Config key 'model_name' must be a string naming a learner; known: {', '.join(learner_names())}.")
-    learner_cls = learner_class(model_name)
+    Either name works; giving both with different values in one ``source`` is an error.
+    """
+    renamed = dict(values)
+    for alias, name in PILOT_KEY_ALIASES.items():
+        if alias not in renamed or name not in fields:
+            continue
+        value = renamed.pop(alias)
+        if name in renamed and renamed[name] != value:
+            raise PilotError(f"{source} sets both '{alias}' ({value!r}) and '{name}' ({renamed[name]!r}), two names "
+                             f"of one setting. Keep one of them.")
+        renamed[name] = value
+    return renamed
+
+
+def assemble_config(learner_cls: type, raw: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
+    """Validate the flat config file ``raw`` and the ``--set`` ``overrides`` (which win) for ``learner_cls``,
+    and split them into experiment and learner configs."""
+    model_name = learner_cls.name
     exp_keys = set(field_types(ExperimentConfig))
     learner_keys = set(field_types(learner_cls.config_class))
+    values = {**canonical_keys(raw, learner_keys, "The config file"),
+              **canonical_keys(overrides, learner_keys, "--set")}
     valid = exp_keys | learner_keys
     ignored, exp_values, learner_values = [], {}, {}
-    for key, value in raw.items():
+    for key, value in values.items():
         if key in learner_keys:
             learner_values[key] = value
         elif key in exp_keys:
@@ -187,7 +208,7 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
     if ignored:
         warnings.warn(
             f"Ignoring PILOT config keys that have no meaning for '{model_name}' here: "
-            f"{', '.join(sorted(ignored))}.", stacklevel=2,
+            f"{', '.join(sorted(ignored))}.", stacklevel=3,
         )
     experiment = _build(ExperimentConfig, exp_values)
     _validate_experiment(experiment)
@@ -218,9 +239,3 @@ def load_raw(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise PilotError(f"Config file '{path}' must hold one JSON object of key/value pairs.")
     return raw
-
-
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    raw = load_raw(path)
-    raw.update(parse_override(text) for text in overrides)
-    return build_config(raw)

@@ -3,27 +3,24 @@ checkpoint; resume from the last checkpoint."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import platform
 import random
 import resource
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
 from pilot import __version__
-from pilot.backbones import Backbone, create_backbone
+from pilot.backbones import create_backbone
 from pilot.config import ExperimentConfig, RunConfig
-from pilot.data import SourceDataset, Split, TaskStream, eval_transform, load_dataset, train_transform
-from pilot.data.loader import make_loader
+from pilot.context import Protocol, RunContext
+from pilot.data import TaskStream, load_dataset
 from pilot.errors import PilotError
-from pilot.features import FeatureStore
 from pilot.learners import learner_class
 from pilot.metrics import AccuracyMatrix
 from pilot.outputs import (TensorBoardScalars, atomic_torch_save, close_log, open_log, write_csv,
@@ -69,70 +66,6 @@ def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     generator.set_state(state["generator"])
-
-
-@dataclass
-class RunContext:
-    """What a learner may use: the backbone, data, device, loaders, frozen features, randomness."""
-
-    experiment: ExperimentConfig
-    backbone: Backbone
-    dataset: SourceDataset
-    stream: TaskStream
-    device: torch.device
-    generator: torch.Generator
-    log: Any = None
-    features: Optional[FeatureStore] = None  # the frozen backbone's; see feature_store
-    stores: list = dataclasses.field(default_factory=list)
-
-    def feature_store(self, encoder: torch.nn.Module, identity: str) -> FeatureStore:
-        """A store of ``encoder``'s eval-mode features: each image encoded at most once per run.
-
-        ``identity`` must name everything the features depend on (architecture, weights, and any
-        adaptation, e.g. a hash of adapter weights); it keys the optional disk cache.
-        """
-        transform = self.eval_transform
-
-        @torch.no_grad()
-        def encode(images: torch.Tensor) -> torch.Tensor:
-            encoder.eval()
-            with self.autocast():
-                return encoder(images.to(self.device))
-
-        exp = self.experiment
-        key = f"{identity}|{transform}|{self.dataset.name}|{self.dataset.fingerprint}"
-        store = FeatureStore(encode, transform, key, exp.eval_batch_size, exp.num_workers,
-                             exp.feature_cache_dir or None, exp.progress)
-        self.stores.append(store)
-        return store
-
-    @property
-    def encoded_images(self) -> int:
-        return sum(store.encoded_images for store in self.stores)
-
-    @property
-    def eval_transform(self):
-        return eval_transform(self.backbone.data_config, self.dataset.resize_to_model)
-
-    def train_transform(self, crop_scale: tuple[float, float] = (0.05, 1.0)):
-        return train_transform(self.backbone.data_config, self.dataset.resize_to_model, crop_scale)
-
-    def train_loader(self, split: Split, batch_size: int, transform=None):
-        """Augmented (``train_transform()`` unless given), shuffled with the run's generator."""
-        return make_loader(split, transform or self.train_transform(), batch_size, shuffle=True,
-                           num_workers=self.experiment.num_workers, generator=self.generator)
-
-    def eval_loader(self, split: Split, transform=None):
-        """In split order, eval transform; draws from no generator, so evaluating never changes
-        what training draws next (a resumed run re-evaluates nothing, yet must match)."""
-        return make_loader(split, transform or self.eval_transform, self.experiment.eval_batch_size,
-                           num_workers=self.experiment.num_workers, generator=torch.Generator())
-
-    def autocast(self):
-        """bf16 autocast on CUDA when ``mixed_precision`` is set; a no-op otherwise."""
-        if self.experiment.mixed_precision and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
 
 def run_directory(experiment: ExperimentConfig, seed: int) -> Path:
@@ -198,8 +131,8 @@ class Run:
         backbone = create_backbone(exp.backbone_type, exp.pretrained, exp.pretrained_path, exp.weights_dir,
                                    self.seed, **exp.backbone_args)
         self.generator = torch.Generator().manual_seed(self.seed)
-        self.ctx = RunContext(exp, backbone.to(self.device), self.dataset, self.stream, self.device, self.generator)
-        self.ctx.features = self.ctx.feature_store(self.ctx.backbone, backbone.identity)
+        self.ctx = RunContext(exp, backbone.to(self.device), self.dataset, Protocol.of(self.stream), self.device,
+                              self.generator)
         self.learner = learner_class(exp.model_name)(config.learner, self.ctx)
         self.run_dir = run_directory(exp, self.seed)
         self.checkpoint_path = self.run_dir / "checkpoint.pt"

@@ -12,24 +12,19 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from tqdm import tqdm
 
-from pilot.data.loader import make_loader
 from pilot.data.stream import Split
 from pilot.outputs import atomic_torch_save
 
 
 class FeatureStore:
-    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], transform: Callable,
-                 key: str, batch_size: int, num_workers: int = 0, cache_dir: Optional[str] = None,
-                 progress: bool = False):
+    """``encode(split)`` gives the features of a split's images in split order; ``key`` names the
+    encoder, its weights, the transform and the dataset (the disk cache's key)."""
+
+    def __init__(self, encode: Callable[[Split], torch.Tensor], key: str, cache_dir: Optional[str] = None):
         self.encode = encode
-        self.transform = transform
         self.key = key
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.progress = progress
         self._rows: dict[str, torch.Tensor] = {}
         self._known: dict[str, torch.Tensor] = {}
         self.encoded_images = 0  # images passed through the encoder by this store
@@ -46,13 +41,7 @@ class FeatureStore:
     def _encode_missing(self, split: Split, missing: torch.Tensor) -> None:
         keep = missing.numpy()
         todo = Split(split.part, split.source, split.indices[keep], split.labels[keep])
-        # A private generator: drawing a loader's base seed must not advance the run's global RNG,
-        # or a resumed run (which re-encodes old test images) would diverge from an uninterrupted one.
-        loader = make_loader(todo, self.transform, self.batch_size, num_workers=self.num_workers,
-                             generator=torch.Generator())
-        chunks = [self.encode(images).float().cpu()
-                  for images, _, _ in tqdm(loader, desc=f"encode {split.part}", disable=not self.progress, leave=False)]
-        features = torch.cat(chunks)
+        features = self.encode(todo)
         if split.part not in self._rows:
             self._rows[split.part] = torch.zeros(len(split.source), features.shape[1])
             self._known[split.part] = torch.zeros(len(split.source), dtype=torch.bool)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pilot.config import build_config
+from pilot.configure import build_config
 from pilot.engine import Run, run_experiment
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"

@@ -5,7 +5,6 @@ import timm
 import torch
 from torch import nn
 
-from pilot.errors import PilotError
 from pilot.modules.adapters import Adapter, attach_adapters, attach_ssf, freeze
 
 
@@ -158,7 +157,7 @@ def test_ssf_scales_patch_channels_and_state_dict_round_trip(images: torch.Tenso
 
 
 def test_non_vit_is_rejected() -> None:
-    with pytest.raises(PilotError, match="blocks"):
+    with pytest.raises(ValueError, match="blocks"):
         attach_adapters(nn.Linear(3, 3))
-    with pytest.raises(PilotError, match="bottleneck"):
+    with pytest.raises(ValueError, match="bottleneck"):
         attach_adapters(tiny_vit(), bottleneck=0)

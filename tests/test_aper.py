@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from pilot.config import build_config
+from pilot.configure import build_config
 from pilot.engine import Run, run_experiment
-from pilot.learners.simplecil import cosine_logits
+from pilot.modules.heads import cosine_logits
 
 from conftest import killed_then_resumed, real_raw, requires_assets, tiny_raw
 
@@ -40,11 +40,11 @@ def test_prototypes_are_class_means_of_pretrained_and_adapted_features(finished_
     features = torch.cat([combined(split) for split in train])
     labels = torch.cat([torch.as_tensor(split.labels) for split in train])
     means = torch.stack([features[labels == c].mean(0) for c in range(run.stream.num_classes)])
-    torch.testing.assert_close(learner.prototypes, means, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(learner.classifier.prototypes, means, rtol=1e-4, atol=1e-5)
     for task in run.stream.tasks:
         torch.testing.assert_close(learner.predict(task.test), cosine_logits(combined(task.test), means),
                                    rtol=1e-4, atol=1e-5)
-    adapted_part = learner.prototypes[:, run.ctx.backbone.feature_dim:]
+    adapted_part = learner.classifier.prototypes[:, run.ctx.backbone.feature_dim:]
     assert not torch.allclose(adapted_part, means[:, :run.ctx.backbone.feature_dim]), "adapters had no effect"
 
 

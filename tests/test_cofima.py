@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pilot.config import build_config
+from pilot.configure import build_config
 from pilot.engine import Run
 
 from conftest import assert_resume_matches_uninterrupted, tiny_raw
@@ -21,8 +21,9 @@ def parameters(module) -> dict:
 @pytest.mark.parametrize("fisher_weighting", [True, False])
 def test_merge_combines_previous_final_model_and_trained_model_by_their_fishers(tmp_path, fisher_weighting):
     # No alignment, so the aligned heads hold the merge's result.
-    learner = Run(build_config(cofima_raw(tmp_path, ca_epochs=0, fisher_weighting=fisher_weighting))).learner
-    first, second = learner.ctx.stream.tasks[:2]
+    run = Run(build_config(cofima_raw(tmp_path, ca_epochs=0, fisher_weighting=fisher_weighting)))
+    learner = run.learner
+    first, second = run.stream.tasks[:2]
     learner.fit(first)
     previous = parameters(learner.model(learner.net["aligned_heads"][:1]))
     previous_fisher = learner.previous_fisher

@@ -1,9 +1,17 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from pilot.config import build_config, load_config, parse_override
+from pilot.cli import main
+from pilot.config import parse_override
+from pilot.configure import build_config, load_config
 from pilot.errors import PilotError
+from pilot.learners.slca import SLCA
+
+from conftest import tiny_raw
 
 # The key/value pairs of LAMDA-PILOT's exps/simplecil.json.
 PILOT_SIMPLECIL = {
@@ -117,3 +125,48 @@ def test_repo_configs_load():
 
     for path in sorted(Path(__file__).resolve().parents[1].glob("exps/*.json")):
         load_config(path)
+
+
+SLCA_JSON = Path(__file__).resolve().parents[1] / "exps" / "slca.json"
+
+
+def tiny_slca_overrides(tmp_path) -> list[str]:
+    """--set lines that turn exps/slca.json into a 2-task run of a tiny random ViT on synthetic images."""
+    tiny = {k: v for k, v in tiny_raw(tmp_path).items() if k != "model_name"}
+    return [f"{key}={json.dumps(value)}" for key, value in {**tiny, "max_tasks": 2}.items()]
+
+
+def test_set_tuned_epoch_on_slca_trains_that_many_epochs(tmp_path, monkeypatch):
+    # exps/slca.json is PILOT's: it says "epochs": 20 and "lrate": 0.01 (SLCA's names for tuned_epoch, init_lr).
+    assert json.loads(SLCA_JSON.read_text())["epochs"] == 20
+    epochs = []
+    monkeypatch.setattr(SLCA, "begin_epoch", lambda self, task, epoch: epochs.append((task.index, epoch)))
+    overrides = tiny_slca_overrides(tmp_path) + ["tuned_epoch=1", "milestones=[]"]
+    config = load_config(SLCA_JSON, overrides)
+    assert config.learner.tuned_epoch == 1 and config.learner.init_lr == 0.01
+    assert main(["--config", str(SLCA_JSON), *[f"--set={o}" for o in overrides]]) == 0
+    assert epochs == [(0, 0), (1, 0)]
+    results = json.loads(next((tmp_path / "logs").rglob("results.json")).read_text())
+    assert results["config"]["tuned_epoch"] == 1 and "epochs" not in results["config"]
+
+
+def test_pilot_key_aliases_work_alone_and_conflict_clearly(tmp_path):
+    with pytest.raises(PilotError, match=r"milestones \[18\] are at or past the last epoch \(1 epochs\)"):
+        load_config(SLCA_JSON, tiny_slca_overrides(tmp_path) + ["epochs=1"])  # the alias reaches the same field
+    config = build_config(tiny_raw(tmp_path, model_name="slca", lrate=0.5, lrate_decay=0.2, epochs=3, tuned_epoch=3,
+                                    milestones=[2]))
+    assert (config.learner.init_lr, config.learner.lr_decay, config.learner.tuned_epoch) == (0.5, 0.2, 3)
+    with pytest.raises(PilotError, match=r"sets both 'epochs' \(20\) and 'tuned_epoch' \(1\).*Keep one"):
+        build_config(tiny_raw(tmp_path, model_name="slca", epochs=20, tuned_epoch=1))
+    with pytest.raises(PilotError, match=r"--set sets both 'lrate'"):
+        load_config(SLCA_JSON, tiny_slca_overrides(tmp_path) + ["lrate=0.1", "init_lr=0.2"])
+    # An alias names a field only where the learner has that field.
+    with pytest.raises(PilotError, match="Unknown config key 'epochs' for learner 'simplecil'"):
+        build_config(tiny_raw(tmp_path, epochs=1))
+
+
+def test_importing_the_config_schema_imports_no_learner():
+    code = ("import sys, pilot.config; "
+            "loaded = [m for m in sys.modules if m.startswith('pilot.learners')]; "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -38,7 +38,7 @@ def test_each_image_is_encoded_once(tiny_config):
 
 
 def test_same_seed_gives_identical_metrics(tmp_path):
-    from pilot.config import build_config
+    from pilot.configure import build_config
 
     a = only_result(build_config(tiny_raw(tmp_path / "a", model_name="linear_probe", tuned_epoch=3)))
     b = only_result(build_config(tiny_raw(tmp_path / "b", model_name="linear_probe", tuned_epoch=3)))
@@ -46,7 +46,7 @@ def test_same_seed_gives_identical_metrics(tmp_path):
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-    from pilot.config import build_config
+    from pilot.configure import build_config
 
     raw = dict(model_name="linear_probe", tuned_epoch=3)
     uninterrupted = only_result(build_config(tiny_raw(tmp_path / "full", **raw)))
@@ -68,7 +68,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch)
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path, monkeypatch):
-    from pilot.config import build_config
+    from pilot.configure import build_config
 
     with monkeypatch.context() as patch:
         patch.setattr(Run, "_step", die_at_task(1))
@@ -139,7 +139,7 @@ def test_a_learner_defined_outside_the_package_plugs_in(tiny_config):
 
     from pilot.config import LearnerConfig
     from pilot.learners import register_learner
-    from pilot.learners.base import Learner
+    from pilot.learners._base import Learner
 
     @dataclass
     class CountingConfig(LearnerConfig):

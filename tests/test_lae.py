@@ -3,11 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pilot.config import build_config
+from pilot.configure import build_config
 from pilot.engine import Run, run_experiment
 from pilot.learners import lae as lae_module
-from pilot.learners.lae import compensated_prefix_attention
-from pilot.merge import ema_update
+from pilot.modules.merge import ema_update
+from pilot.modules.prompting import prefix_attention
 
 from conftest import assert_resume_matches_uninterrupted, real_raw, requires_assets, tiny_raw
 
@@ -23,7 +23,8 @@ def pet_state(learner, name) -> dict:
 
 
 def test_offline_pet_is_the_ema_of_the_online_pet_from_the_second_task(tmp_path, monkeypatch):
-    learner = Run(build_config(lae_raw(tmp_path, tuned_epoch=2, num_freeze_epochs=1, ema_decay=0.5))).learner
+    run = Run(build_config(lae_raw(tmp_path, tuned_epoch=2, num_freeze_epochs=1, ema_decay=0.5)))
+    learner = run.learner
     sources = []
 
     def recording_ema_update(target, source, alpha):
@@ -31,10 +32,10 @@ def test_offline_pet_is_the_ema_of_the_online_pet_from_the_second_task(tmp_path,
         ema_update(target, source, alpha)
 
     monkeypatch.setattr(lae_module, "ema_update", recording_ema_update)
-    learner.fit(learner.ctx.stream.tasks[0])
+    learner.fit(run.stream.tasks[0])
     assert not sources, "no offline PET during the first task"
     online_after_first = pet_state(learner, "online")
-    learner.fit(learner.ctx.stream.tasks[1])  # 16 images, batch 8: 2 steps per epoch, 2 epochs
+    learner.fit(run.stream.tasks[1])  # 16 images, batch 8: 2 steps per epoch, 2 epochs
     assert len(sources) == 4
     # the first epoch of a later task trains the head only
     assert all(torch.equal(sources[i][k], v) for i in (0, 1) for k, v in online_after_first.items())
@@ -85,7 +86,7 @@ def test_compensated_prefix_attention_rescales_the_prefix_weights_to_sum_to_one(
         keep = token_scores.exp().sum(-1, keepdim=True) / (token_scores.exp().sum(-1, keepdim=True) + prefix_mass)
         out = keep * token_scores.softmax(-1) @ v + prefix_scores.softmax(-1) @ vp
         expected = attention.proj(out.transpose(1, 2).reshape(2, 5, 192))
-        torch.testing.assert_close(compensated_prefix_attention(attention, x, key_prefix, value_prefix), expected)
+        torch.testing.assert_close(prefix_attention(attention, x, key_prefix, value_prefix, compensated=True), expected)
         with handle.use(prefixes={0: (key_prefix, value_prefix)}):
             torch.testing.assert_close(attention(x), expected)
         torch.testing.assert_close(attention(x), type(attention).forward(attention, x))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from pilot.config import build_config
+from pilot.configure import build_config
 from pilot.data.stream import Split
 from pilot.engine import Run
 

@@ -1,12 +1,14 @@
 """RanPAC on the shared loop (tiny random ViT, synthetic images; DeiT-Tiny when the assets exist)."""
+from operator import attrgetter
+
 import pytest
 import torch
 
-from pilot.config import build_config
+from pilot.configure import build_config
 from pilot.engine import Run, run_experiment
 from pilot.errors import PilotError
 from pilot.learners import ranpac
-from pilot.ridge import select_lambda
+from pilot.modules.ridge import select_lambda
 
 from conftest import assert_resume_matches_uninterrupted, real_raw, requires_assets, tiny_raw
 
@@ -98,12 +100,13 @@ def test_adapts_on_the_first_task_only_and_keeps_the_vit_frozen(tmp_path):
     assert not any(p.requires_grad for p in learner.net.parameters())
 
 
-@pytest.mark.parametrize("overrides, classifier_name", [({"use_RP": False}, "prototypes"), ({"M": 0}, "readout")])
+@pytest.mark.parametrize("overrides, classifier_name", [({"use_RP": False}, "prototypes.prototypes"),
+                                                            ({"M": 0}, "readout")])
 def test_official_variants_without_projection(tmp_path, overrides, classifier_name):
     """use_RP false: cosine prototypes of the adapted features; M 0: ridge on the features themselves."""
     run = Run(ranpac_config(tmp_path, **overrides))
     assert run.execute()["status"] == "complete"
-    classifier = getattr(run.learner, classifier_name)
+    classifier = attrgetter(classifier_name)(run.learner)
     assert run.ctx.backbone.feature_dim in classifier.shape and run.stream.num_classes in classifier.shape
 
 

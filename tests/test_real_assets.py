@@ -12,7 +12,7 @@ pytestmark = requires_assets
 
 @pytest.fixture
 def real_config(tmp_path):
-    from pilot.config import build_config
+    from pilot.configure import build_config
 
     return build_config(real_raw(
         tmp_path, train_per_class=3, test_per_class=3, max_tasks=2,

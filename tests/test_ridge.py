@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from pilot.errors import PilotError
-from pilot.ridge import (OFFICIAL_LAMBDAS, RandomProjection, RidgeState, _spectral_factors, select_lambda,
+from pilot.modules.ridge import (OFFICIAL_LAMBDAS, RandomProjection, RidgeState, _spectral_factors, select_lambda,
                          split_fit_val)
 
 
@@ -56,7 +55,7 @@ def test_accumulation_over_calls_equals_one_call_and_grows_classes() -> None:
     restored = RidgeState(16)
     restored.load_state_dict(in_two.state_dict())
     torch.testing.assert_close(restored.solve(0.1), in_two.solve(0.1))
-    with pytest.raises(PilotError, match="only grow"):
+    with pytest.raises(ValueError, match="only grow"):
         in_two.add(h_first, labels_first, num_classes=3)
 
 
@@ -126,7 +125,7 @@ def test_select_lambda_picks_best_held_out_candidate(criterion: str) -> None:
 def test_select_lambda_defaults_and_validation() -> None:
     h, labels = noisy_classes(50, 8, 2, noise=0.1, seed=6)
     assert select_lambda(h[:40], labels[:40], h[40:], labels[40:]) in OFFICIAL_LAMBDAS
-    with pytest.raises(PilotError, match="positive"):
+    with pytest.raises(ValueError, match="positive"):
         select_lambda(h[:40], labels[:40], h[40:], labels[40:], candidates=[0.0, 1.0])
-    with pytest.raises(PilotError, match="non-empty"):
+    with pytest.raises(ValueError, match="non-empty"):
         split_fit_val(h[:1], labels[:1])

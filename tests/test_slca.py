@@ -1,12 +1,12 @@
 """SLCA: slow backbone, per-class Gaussians, classifier alignment (tiny random ViT, synthetic images)."""
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from pilot.config import build_config
+from pilot.configure import build_config
 from pilot.engine import Run, run_experiment
-from pilot.learners.slca import CA_SAMPLES_PER_CLASS, COVARIANCE_RIDGE, normalise_logits
+from pilot.learners.slca import CA_SAMPLES_PER_CLASS
+from pilot.modules.gaussians import COVARIANCE_RIDGE
+from pilot.modules.heads import normalise_logits
 
 from conftest import assert_resume_matches_uninterrupted, real_raw, requires_assets, tiny_raw
 
@@ -49,16 +49,16 @@ def test_class_statistics_are_the_new_classes_feature_gaussians(tmp_path):
     learner, first, second = run.learner, run.stream.tasks[0], run.stream.tasks[1]
     learner.fit(first)
     features, labels = learner.encode(first.train)
-    assert learner.class_means.shape == (4, 192) and learner.class_covs.shape == (4, 192, 192)
+    assert learner.gaussians.means.shape == (4, 192) and learner.gaussians.covs.shape == (4, 192, 192)
     for label in first.classes:
         rows = features[labels == label].double()
-        torch.testing.assert_close(learner.class_means[label], rows.mean(0).float())
+        torch.testing.assert_close(learner.gaussians.means[label], rows.mean(0).float())
         expected = torch.cov(rows.T) + COVARIANCE_RIDGE * torch.eye(192, dtype=torch.float64)
-        torch.testing.assert_close(learner.class_covs[label], expected.float())
-    old = learner.class_means.clone(), learner.class_covs.clone()
+        torch.testing.assert_close(learner.gaussians.covs[label], expected.float())
+    old = learner.gaussians.means.clone(), learner.gaussians.covs.clone()
     learner.fit(second)  # the backbone moves, but old classes keep their statistics
-    assert learner.class_means.shape == (6, 192) and learner.class_covs.shape == (6, 192, 192)
-    assert torch.equal(learner.class_means[:4], old[0]) and torch.equal(learner.class_covs[:4], old[1])
+    assert learner.gaussians.means.shape == (6, 192) and learner.gaussians.covs.shape == (6, 192, 192)
+    assert torch.equal(learner.gaussians.means[:4], old[0]) and torch.equal(learner.gaussians.covs[:4], old[1])
 
 
 def test_alignment_samples_from_the_stored_gaussians_with_the_official_mean_shrinkage(tmp_path):
@@ -66,7 +66,7 @@ def test_alignment_samples_from_the_stored_gaussians_with_the_official_mean_shri
     learner = run.learner
     for task in run.stream.tasks[:2]:
         learner.fit(task)
-    factors = torch.linalg.cholesky(learner.class_covs.double()).float()
+    factors = torch.linalg.cholesky(learner.gaussians.covs.double()).float()
     run.ctx.generator.manual_seed(0)
     features, labels = learner.sample_features(factors)
     run.ctx.generator.manual_seed(0)
@@ -76,8 +76,8 @@ def test_alignment_samples_from_the_stored_gaussians_with_the_official_mean_shri
     scales = torch.tensor([0.95] * 4 + [1.0] * 2)  # 0.9 + 0.1 (task + 1) / (tasks seen)
     torch.testing.assert_close(learner.mean_scales(), scales)
     for label in range(6):
-        spread = learner.class_covs[label].diagonal().sqrt()
-        error = (features[labels == label].mean(0) - scales[label] * learner.class_means[label]) / spread
+        spread = learner.gaussians.covs[label].diagonal().sqrt()
+        error = (features[labels == label].mean(0) - scales[label] * learner.gaussians.means[label]) / spread
         assert error.abs().max() < 5 / CA_SAMPLES_PER_CLASS ** 0.5  # within 5 standard errors
 
 
@@ -103,7 +103,7 @@ def test_alignment_changes_only_the_aligned_heads_and_is_deterministic(tmp_path)
 
 def test_logit_normalisation_matches_the_official_formula():
     logits = torch.tensor([[3.0, 4.0, 0.0, 1.0]])
-    tasks = [SimpleNamespace(classes=range(0, 2)), SimpleNamespace(classes=range(2, 4))]
+    tasks = [range(0, 2), range(2, 4)]
     # per-task norms 5 and 1, their mean 3, temperature 0.1
     torch.testing.assert_close(normalise_logits(logits, tasks, 0.1), logits / 3 / 0.1, rtol=1e-6, atol=1e-6)
 
@@ -113,7 +113,7 @@ def test_end_to_end_checkpoint_holds_backbone_and_statistics(tmp_path):
     assert result["status"] == "complete" and len(result["accuracy_curve"]) == 4
     checkpoint = torch.load(next((tmp_path / "logs").rglob("checkpoint.pt")), weights_only=False)["learner"]
     assert any(key.startswith("backbone.model.blocks.") for key in checkpoint["net"])
-    assert checkpoint["class_covs"].shape == (10, 192, 192)
+    assert checkpoint["gaussians"]["covs"].shape == (10, 192, 192)
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):

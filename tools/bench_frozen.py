@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from pilot.config import build_config
+from pilot.configure import build_config
 from pilot.data import TaskStream, eval_transform, load_dataset
 from pilot.data.loader import make_loader
 from pilot.backbones import create_backbone

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pilot.config import build_config
+from pilot.configure import build_config
 from pilot.engine import Run
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from pilot.ridge import OFFICIAL_LAMBDAS, RandomProjection, RidgeState, select_lambda
+from pilot.modules.ridge import OFFICIAL_LAMBDAS, RandomProjection, RidgeState, select_lambda
 
 
 def timed(label: str, work: Callable[[], object]) -> float:

@@ -1,6 +1,11 @@
-"""Learner registry. Every module in this package is imported on first use, so a new learner is
-one file here (a class decorated with ``@register_learner("name")``) plus a config in ``exps/``.
-Learners outside the package register the same way once their module is imported."""
+"""Learner registry. Every module in this package whose name does not start with ``_`` is a learner
+file, named after its ``model_name``, and is imported on first use: a new learner is one file here
+(a class decorated with ``@register_learner("name")``) plus a config in ``exps/``. Learners outside
+the package register the same way once their module is imported.
+
+The ``_``-prefixed modules are the kit learner files build on: ``_base`` (the interface),
+``_gradient`` (the gradient-training template), ``_prompt`` (prompt learners), and
+``_first_task_adaptation`` (adapt on the first task, then freeze)."""
 from __future__ import annotations
 
 import difflib
@@ -30,7 +35,8 @@ def _discover() -> None:
     global _discovered
     if not _discovered:
         for module in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{module.name}")
+            if not module.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{module.name}")
         _discovered = True
 
 

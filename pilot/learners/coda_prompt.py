@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pilot.errors import PilotError
+from pilot.errors import PilotError, config_values
 from pilot.learners import register_learner
-from pilot.learners.prompt_learner import PromptLearner
-from pilot.modules.prompting import CodaPrompt, check_blocks, prefixes_for_blocks
-from pilot.training import TrainConfig, validate_train_config
+from pilot.learners._gradient import TrainConfig, validate_train_config
+from pilot.learners._prompt import PromptLearner, check_blocks
+from pilot.modules.prompting import CodaPrompt, prefixes_for_blocks
 
 
 @dataclass
@@ -36,8 +36,9 @@ class CodaPromptLearner(PromptLearner):
         super().__init__(config, ctx)
         components, length, _ = config.prompt_param
         check_blocks(self.vit, "prompt_layer_idx", config.prompt_layer_idx)
-        self.net["coda"] = CodaPrompt(ctx.backbone.feature_dim, ctx.stream.planned_tasks, int(components),
-                                      int(length), num_layers=len(config.prompt_layer_idx))
+        with config_values("prompt_param"):
+            self.net["coda"] = CodaPrompt(ctx.backbone.feature_dim, ctx.protocol.planned_tasks, int(components),
+                                          int(length), num_layers=len(config.prompt_layer_idx))
         self.attach()
 
     @classmethod

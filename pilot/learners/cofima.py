@@ -2,7 +2,7 @@
 
 SLCA's training, plus, from the second task on, a merge of the previous task's final model
 (merged backbone, aligned heads) with the model just trained, weighted per parameter by each
-model's diagonal Fisher information (``pilot.merge.fisher_merge``; plain interpolation with
+model's diagonal Fisher information (``pilot.modules.merge.fisher_merge``; plain interpolation with
 ``fisher_weighting`` off). Order within a task, as in the official code (IemProg/CoFiMA, and
 PILOT's models/cofima.py): train; Fisher of the trained model on the task's training loader
 (augmented, train mode, cross-entropy over all seen classes); merge backbone and heads; class
@@ -25,8 +25,9 @@ from torch import nn
 from pilot.data.stream import Task
 from pilot.errors import PilotError
 from pilot.learners import register_learner
-from pilot.learners.slca import SLCA, SLCAConfig, classify
-from pilot.merge import diagonal_fisher, fisher_merge, interpolate
+from pilot.learners.slca import SLCA, SLCAConfig
+from pilot.modules.heads import classify
+from pilot.modules.merge import diagonal_fisher, fisher_merge, interpolate
 
 Weights = dict[str, torch.Tensor]
 

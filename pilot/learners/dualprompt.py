@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pilot.errors import PilotError
+from pilot.errors import PilotError, config_values
 from pilot.learners import register_learner
-from pilot.learners.prompt_learner import PromptLearner
-from pilot.modules.prompting import GeneralPrompt, PromptPool, check_blocks, prefixes_for_blocks, pull_loss
-from pilot.training import TrainConfig, validate_train_config
+from pilot.learners._gradient import TrainConfig, validate_train_config
+from pilot.learners._prompt import PromptLearner, check_blocks
+from pilot.modules.prompting import GeneralPrompt, PromptPool, prefixes_for_blocks, pull_loss
 
 
 @dataclass
@@ -48,11 +48,15 @@ class DualPrompt(PromptLearner):
         dim = ctx.backbone.feature_dim
         check_blocks(self.vit, "g_prompt_layer_idx", config.g_prompt_layer_idx)
         check_blocks(self.vit, "e_prompt_layer_idx", config.e_prompt_layer_idx)
-        self.net["g_prompt"] = GeneralPrompt(config.g_prompt_length, dim, len(config.g_prompt_layer_idx),
-                                             init=config.initializer)
-        self.net["e_pool"] = PromptPool(config.size, config.length, dim, config.top_k,
-                                        num_layers=len(config.e_prompt_layer_idx), prefix=True,
-                                        key_init=config.prompt_key_init, prompt_init=config.initializer)
+        if ctx.protocol.num_tasks > config.size:
+            raise PilotError(f"DualPrompt has {config.size} E-prompts (size) but the stream has {ctx.protocol.num_tasks} "
+                             f"tasks: set size to at least the number of tasks.")
+        with config_values("prompt_key_init", "initializer"):
+            self.net["g_prompt"] = GeneralPrompt(config.g_prompt_length, dim, len(config.g_prompt_layer_idx),
+                                                 init=config.initializer)
+            self.net["e_pool"] = PromptPool(config.size, config.length, dim, config.top_k,
+                                            num_layers=len(config.e_prompt_layer_idx), prefix=True,
+                                            key_init=config.prompt_key_init, prompt_init=config.initializer)
         self.attach()
 
     @classmethod
@@ -64,9 +68,6 @@ class DualPrompt(PromptLearner):
             raise PilotError("DualPrompt trains one E-prompt per task: top_k must be 1.")
 
     def begin_task(self, task):
-        if task.index >= self.config.size:
-            raise PilotError(f"DualPrompt has {self.config.size} E-prompts (size) but the stream has task "
-                             f"{task.index + 1}: set size to at least the number of tasks.")
         if task.index > 0:
             pool = self.net["e_pool"]
             with torch.no_grad():

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from pilot.errors import PilotError
+from pilot.errors import PilotError, config_values
 from pilot.learners import register_learner
-from pilot.learners.prompt_learner import PromptLearner
+from pilot.learners._gradient import TrainConfig, validate_train_config
+from pilot.learners._prompt import PromptLearner
 from pilot.modules.prompting import PromptPool, pull_loss
-from pilot.training import TrainConfig, validate_train_config
 
 
 @dataclass
@@ -38,8 +38,9 @@ class L2P(PromptLearner):
 
     def __init__(self, config: L2PConfig, ctx):
         super().__init__(config, ctx)
-        self.net["pool"] = PromptPool(config.size, config.length, ctx.backbone.feature_dim, config.top_k,
-                                      key_init=config.prompt_key_init, prompt_init=config.initializer)
+        with config_values("prompt_key_init", "initializer"):
+            self.net["pool"] = PromptPool(config.size, config.length, ctx.backbone.feature_dim, config.top_k,
+                                          key_init=config.prompt_key_init, prompt_init=config.initializer)
         self.attach()
 
     @classmethod

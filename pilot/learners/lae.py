@@ -28,9 +28,10 @@ from torch import nn
 from pilot.data.stream import Task
 from pilot.errors import PilotError
 from pilot.learners import register_learner
-from pilot.merge import ema_update
-from pilot.modules.prompting import GeneralPrompt, PromptedViT, check_blocks, prefixes_for_blocks
-from pilot.training import GradientLearner, TrainConfig, validate_train_config
+from pilot.learners._gradient import GradientLearner, TrainConfig, validate_train_config
+from pilot.learners._prompt import check_blocks
+from pilot.modules.merge import ema_update
+from pilot.modules.prompting import PrefixPET, PromptedViT, prefixes_for_blocks
 
 
 @dataclass
@@ -51,61 +52,19 @@ class LAEConfig(TrainConfig):
     adapt_blocks: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
 
 
-def compensated_prefix_attention(attention: nn.Module, x: torch.Tensor, key_prefix: torch.Tensor,
-                                 value_prefix: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-    """timm ``Attention`` on ``x`` with key/value prefixes [B, Lp, D] whose softmax weights are renormalised
-    to sum to one (LAE's compensatory prefix): (1 - lambda) * attention over the tokens + attention over the
-    prefix alone, where lambda is the softmax mass the prefix takes from each query."""
-    if attn_mask is not None or is_causal:
-        raise NotImplementedError("compensated prefixes do not support attention masks")
-    batch, length, _ = x.shape
-    heads = attention.num_heads
-    q, k, v = attention.qkv(x).reshape(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = getattr(attention, "q_norm", nn.Identity())(q), getattr(attention, "k_norm", nn.Identity())(k)
-    key_prefix, value_prefix = (p.unflatten(-1, (heads, -1)).transpose(1, 2).to(q.dtype)
-                                for p in (key_prefix, value_prefix))
-    prefix_length = key_prefix.shape[2]
-    weights = (q @ torch.cat([key_prefix, k], dim=2).transpose(-2, -1) * attention.scale).softmax(dim=-1)
-    weights = attention.attn_drop(weights)
-    prefix_weights, token_weights = weights.split([prefix_length, length], dim=-1)
-    prefix_weights = prefix_weights / prefix_weights.sum(dim=-1, keepdim=True).clamp(min=1e-12)
-    out = prefix_weights @ value_prefix + token_weights @ v
-    out = getattr(attention, "norm", nn.Identity())(out.transpose(1, 2).reshape(batch, length, -1))
-    if getattr(attention, "gate", None) is not None:  # gated attention of recent timm releases
-        out = out * attention.gate(x).sigmoid()
-    return attention.proj_drop(attention.proj(out))
-
-
-class PrefixPET(nn.Module):
-    """LAE's Prefix PET: per block, key and value prefixes of ``length`` tokens, U(0, 0.01), each scaled by a
-    learnable scalar (init 1). ``forward(batch)`` gives [B, blocks, 2, length, D] for ``prefixes_for_blocks``."""
-
-    def __init__(self, length: int, embed_dim: int, num_blocks: int):
-        super().__init__()
-        self.tokens = GeneralPrompt(length, embed_dim, num_blocks, prefix=True, init="zero")
-        nn.init.uniform_(self.tokens.prompts, 0.0, 0.01)
-        self.scales = nn.Parameter(torch.ones(num_blocks, 2, 1, 1))
-
-    def forward(self, batch_size: int) -> torch.Tensor:
-        return self.tokens(batch_size) * self.scales
-
-
 @register_learner("lae")
 class LAE(GradientLearner):
     config_class = LAEConfig
 
     def __init__(self, config: LAEConfig, ctx):
         super().__init__(config, ctx)
-        vit = ctx.backbone.model
-        try:
-            self.prompts = PromptedViT(vit, attention=compensated_prefix_attention)
-        except PilotError as err:
-            raise PilotError(f"lae needs a timm ViT backbone ({err}); set backbone_type to a ViT.") from None
+        vit = self.require_vit()
+        self.prompts = PromptedViT(vit, compensated=True)
         vit.requires_grad_(False)  # one copy of the ViT, shared by both PETs
         check_blocks(vit, "adapt_blocks", config.adapt_blocks)
         self.net["online"] = PrefixPET(config.pet_length, vit.embed_dim, len(config.adapt_blocks))
         self.net["offline"] = copy.deepcopy(self.net["online"]).requires_grad_(False)  # replaced when task 2 starts
-        self.net["head"] = nn.Linear(ctx.backbone.feature_dim, ctx.stream.num_classes)
+        self.net["head"] = nn.Linear(ctx.backbone.feature_dim, ctx.protocol.num_classes)
         nn.init.normal_(self.net["head"].weight, std=0.001)
         nn.init.zeros_(self.net["head"].bias)
         self.net.to(ctx.device)
@@ -125,7 +84,7 @@ class LAE(GradientLearner):
     @property
     def has_offline(self) -> bool:
         """The offline PET exists from the second task on."""
-        return self.num_seen > self.ctx.stream.tasks[0].num_seen
+        return self.num_seen > self.ctx.protocol.task_sizes[0]
 
     def trainable(self) -> list[nn.Parameter]:
         return list(self.net["online"].parameters()) + list(self.net["head"].parameters())
@@ -139,11 +98,9 @@ class LAE(GradientLearner):
         frozen = task.index > 0 and epoch < self.config.num_freeze_epochs
         self.net["online"].requires_grad_(not frozen)
 
-    def train_step(self, images, labels, task, optimizer, parameters) -> float:
-        loss = super().train_step(images, labels, task, optimizer, parameters)
+    def after_step(self, task: Task) -> None:
         if self.has_offline:
             ema_update(self.net["offline"], self.net["online"], self.config.ema_decay)
-        return loss
 
     def pet_logits(self, images: torch.Tensor, pet: PrefixPET) -> torch.Tensor:
         """Head logits over all classes of the frozen ViT with ``pet``'s prefixes."""

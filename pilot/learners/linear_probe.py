@@ -8,13 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from pilot.config import LearnerConfig
 from pilot.data.stream import Split, Task
 from pilot.errors import PilotError
 from pilot.learners import register_learner
-from pilot.learners.base import Learner
+from pilot.learners._base import Learner
+from pilot.learners._gradient import fit_on_features
 
 
 @dataclass
@@ -43,13 +43,12 @@ class LinearProbe(Learner):
         labels = torch.as_tensor(task.train.labels) - task.num_old
         head = torch.nn.Linear(features.shape[1], len(task.classes))
         optimizer = torch.optim.Adam(head.parameters(), lr=self.config.init_lr)
-        for _ in range(self.config.tuned_epoch):
+
+        def batches():
             order = torch.randperm(len(labels), generator=self.ctx.generator)
-            for batch in order.split(self.config.batch_size):
-                loss = F.cross_entropy(head(features[batch]), labels[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+            return ((features[batch], labels[batch]) for batch in order.split(self.config.batch_size))
+
+        fit_on_features(head, optimizer, self.config.tuned_epoch, batches)
         self.weight = torch.cat([self.weight, head.weight.detach()])
         self.bias = torch.cat([self.bias, head.bias.detach()])
 

@@ -12,18 +12,17 @@ each class's column of ``W_o`` and can change predictions.
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
 import torch
 
 from pilot.data.stream import Split, Task
-from pilot.errors import PilotError
+from pilot.errors import PilotError, config_values
 from pilot.learners import register_learner
-from pilot.learners.first_task_adaptation import AdaptationConfig, FirstTaskAdaptationLearner
-from pilot.learners.simplecil import class_means, cosine_logits
-from pilot.ridge import RandomProjection, RidgeState, select_lambda, split_fit_val
+from pilot.learners._first_task_adaptation import AdaptationConfig, FirstTaskAdaptationLearner
+from pilot.modules.heads import PrototypeClassifier
+from pilot.modules.ridge import RandomProjection, RidgeState, select_lambda, split_fit_val
 
 
 @dataclass
@@ -54,7 +53,7 @@ class RanPAC(FirstTaskAdaptationLearner):
         self.ridge = RidgeState(dim, ctx.device) if config.use_RP else None
         self.readout = torch.zeros(dim, 0, dtype=torch.float64, device=ctx.device)  # W_o
         self.lambdas: list[float] = []  # chosen per task
-        self.prototypes = torch.zeros(0, ctx.backbone.feature_dim)
+        self.prototypes = PrototypeClassifier(ctx.backbone.feature_dim)  # the no-projection branch
 
     @classmethod
     def validate_config(cls, config: RanPACConfig) -> None:
@@ -72,19 +71,20 @@ class RanPAC(FirstTaskAdaptationLearner):
         if self.config.use_RP:
             self.update_ridge(self.project(features), labels, task)
         else:
-            self.prototypes = torch.cat([self.prototypes, class_means(features, labels, task.classes)])
+            self.prototypes.add_classes(features, labels, task.classes)
 
     def update_ridge(self, h: torch.Tensor, labels: torch.Tensor, task: Task) -> None:
         started = time.perf_counter()
         # The official code splits features read through a shuffled loader; a seeded shuffle here.
-        lam = select_lambda(*split_fit_val(h, labels, 0.8, seed=draw_seed(self.ctx.generator)))
+        with config_values("train_per_class"):
+            lam = select_lambda(*split_fit_val(h, labels, 0.8, seed=draw_seed(self.ctx.generator)))
         selected = time.perf_counter()
         self.ridge.add(h, labels, task.num_seen)
         accumulated = time.perf_counter()
         self.readout = self.ridge.solve(lam)
         solved = time.perf_counter()
         self.lambdas.append(lam)
-        (self.ctx.log or logging.getLogger(__name__)).info(
+        self.ctx.log.info(
             f"ranpac task {task.index + 1}: lambda {lam:g}; at dimension {self.ridge.dim}, {self.gram_form()}: selection "
             f"{selected - started:.2f}s, accumulation {accumulated - selected:.2f}s, solve {solved - accumulated:.2f}s")
 
@@ -94,18 +94,19 @@ class RanPAC(FirstTaskAdaptationLearner):
     def predict(self, split: Split) -> torch.Tensor:
         features = self.adapted_features(split)
         if not self.config.use_RP:
-            return cosine_logits(features, self.prototypes)
+            return self.prototypes(features)
         return (self.project(features).double() @ self.readout).float().cpu()
 
     def state_dict(self):
-        return {**super().state_dict(), "lambdas": self.lambdas, "prototypes": self.prototypes,
+        return {**super().state_dict(), "lambdas": self.lambdas, "prototypes": self.prototypes.state_dict(),
                 "readout": self.readout.cpu(),
                 "projection": None if self.projection is None else self.projection.state_dict(),
                 "ridge": None if self.ridge is None else self.ridge.state_dict()}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        self.lambdas, self.prototypes = state["lambdas"], state["prototypes"]
+        self.lambdas = state["lambdas"]
+        self.prototypes.load_state_dict(state["prototypes"])
         self.readout = state["readout"].to(self.ctx.device)
         if self.projection is not None:
             self.projection.load_state_dict(state["projection"])

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from pilot.errors import PilotError
 
 
 def freeze(module: nn.Module) -> None:
@@ -141,7 +140,7 @@ class AdapterSet(_HookedAdaptation):
 def attach_adapters(vit: nn.Module, bottleneck: int = 64, scale: float = 0.1, dropout: float = 0.1) -> AdapterSet:
     """Add a parallel AdaptFormer adapter to every block of ``vit``; returns the module holding them."""
     if bottleneck < 1:
-        raise PilotError(f"adapter bottleneck must be a positive width, got {bottleneck}")
+        raise ValueError(f"adapter bottleneck must be a positive width, got {bottleneck}")
     return AdapterSet(vit, bottleneck, scale, dropout)
 
 
@@ -201,7 +200,7 @@ def _output_width(module: nn.Module, embed_dim: int) -> int:
         return module.normalized_shape[-1]
     if isinstance(module, nn.Identity):
         return embed_dim
-    raise PilotError(f"SSF cannot infer the output width of {type(module).__name__}; use a timm VisionTransformer")
+    raise ValueError(f"SSF cannot infer the output width of {type(module).__name__}; use a timm VisionTransformer")
 
 
 class SSFSet(_HookedAdaptation):
@@ -225,7 +224,7 @@ class SSFSet(_HookedAdaptation):
 def attach_ssf(vit: nn.Module, init_std: float = 0.02) -> SSFSet:
     """Add SSF scale/shift at the official sites of ``vit``; returns the module holding them."""
     if init_std < 0:
-        raise PilotError(f"SSF init_std must be >= 0, got {init_std}")
+        raise ValueError(f"SSF init_std must be >= 0, got {init_std}")
     return SSFSet(vit, init_std)
 
 
@@ -237,25 +236,25 @@ def attach_ssf(vit: nn.Module, init_std: float = 0.02) -> SSFSet:
 def _blocks(vit: nn.Module) -> nn.Module:
     blocks = getattr(vit, "blocks", None)
     if blocks is None or len(blocks) == 0:
-        raise PilotError(f"{type(vit).__name__} has no `blocks`; adaptation needs a timm VisionTransformer")
+        raise ValueError(f"{type(vit).__name__} has no `blocks`; adaptation needs a timm VisionTransformer")
     return blocks
 
 
 def _embed_dim(vit: nn.Module) -> int:
     dim = getattr(vit, "embed_dim", None)
     if not isinstance(dim, int):
-        raise PilotError(f"{type(vit).__name__} has no integer `embed_dim`; adaptation needs a timm VisionTransformer")
+        raise ValueError(f"{type(vit).__name__} has no integer `embed_dim`; adaptation needs a timm VisionTransformer")
     return dim
 
 
 def _require(module: nn.Module, name: str, what: str) -> None:
     if not isinstance(getattr(module, name, None), nn.Module):
-        raise PilotError(f"{what} need `{name}` in every {type(module).__name__}; use timm's standard ViT Block")
+        raise ValueError(f"{what} need `{name}` in every {type(module).__name__}; use timm's standard ViT Block")
 
 
 def _submodule(vit: nn.Module, path: str) -> nn.Module:
     try:
         return vit.get_submodule(path)
     except AttributeError:
-        raise PilotError(f"SSF needs `{path}` in the ViT, which {type(vit).__name__} lacks; "
+        raise ValueError(f"SSF needs `{path}` in the ViT, which {type(vit).__name__} lacks; "
                          "use a timm VisionTransformer with standard blocks") from None

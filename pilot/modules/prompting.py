@@ -35,7 +35,7 @@ Initialisations follow the official code (L2P/DualPrompt: U(-1, 1) for prompts a
 Gram-Schmidt orthonormal components for the current task, zeros for tasks not reached yet).
 """
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -45,7 +45,6 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from pilot.errors import PilotError
 
 Prefix = tuple[torch.Tensor, torch.Tensor]
 """Key and value prefixes of one block, ``[B, Lp, D]`` each."""
@@ -60,11 +59,15 @@ _INITS = ("uniform", "zero")
 
 
 def prefix_attention(attention: nn.Module, x: torch.Tensor, key_prefix: torch.Tensor, value_prefix: torch.Tensor,
-                     attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+                     attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                     compensated: bool = False) -> torch.Tensor:
     """Self-attention of timm's ``Attention`` module on ``x`` with prefixes added to its keys and values.
 
     Uses the module's own submodules, so it matches the module's forward when the prefixes are empty.
-    Prefixes are already keys/values: they skip ``qkv`` and ``k_norm``.
+    Prefixes are already keys/values: they skip ``qkv`` and ``k_norm``. ``compensated`` (LAE's
+    compensatory prefix) renormalises the prefix's softmax weights to sum to one: (1 - lambda) *
+    attention over the tokens + attention over the prefix alone, lambda being the softmax mass the
+    prefix takes from each query.
     """
     if attn_mask is not None or is_causal:
         raise NotImplementedError("an attention mask with prefixes would need padding for the prefix positions; "
@@ -74,15 +77,28 @@ def prefix_attention(attention: nn.Module, x: torch.Tensor, key_prefix: torch.Te
     _check_prefix(key_prefix, value_prefix, batch, heads * head_dim)
     q, k, v = attention.qkv(x).reshape(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = getattr(attention, "q_norm", _IDENTITY)(q), getattr(attention, "k_norm", _IDENTITY)(k)
-    k = torch.cat([_split_heads(key_prefix, heads).to(k.dtype), k], dim=2)
-    v = torch.cat([_split_heads(value_prefix, heads).to(v.dtype), v], dim=2)
-    dropout = attention.attn_drop.p if attention.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=getattr(attention, "scale", None))
+    key_prefix, value_prefix = (_split_heads(prefix, heads).to(q.dtype) for prefix in (key_prefix, value_prefix))
+    if compensated:
+        out = _compensated_attention(attention, q, k, v, key_prefix, value_prefix)
+    else:
+        dropout = attention.attn_drop.p if attention.training else 0.0
+        out = F.scaled_dot_product_attention(q, torch.cat([key_prefix, k], dim=2), torch.cat([value_prefix, v], dim=2),
+                                             dropout_p=dropout, scale=getattr(attention, "scale", None))
     out = getattr(attention, "norm", _IDENTITY)(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
     gate = getattr(attention, "gate", None)  # gated attention of recent timm releases
     if gate is not None:
         out = out * gate(x).sigmoid()
     return attention.proj_drop(attention.proj(out))
+
+
+def _compensated_attention(attention: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           key_prefix: torch.Tensor, value_prefix: torch.Tensor) -> torch.Tensor:
+    """Explicit softmax over [prefix, tokens], then the prefix's weights divided by their sum."""
+    weights = (q @ torch.cat([key_prefix, k], dim=2).transpose(-2, -1) * attention.scale).softmax(dim=-1)
+    weights = attention.attn_drop(weights)
+    prefix_weights, token_weights = weights.split([key_prefix.shape[2], k.shape[2]], dim=-1)
+    prefix_weights = prefix_weights / prefix_weights.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+    return prefix_weights @ value_prefix + token_weights @ v
 
 
 class PromptedViT:
@@ -96,12 +112,11 @@ class PromptedViT:
     ...     features = vit.forward_features(images)
     """
 
-    def __init__(self, vit: nn.Module, attention: Callable[..., torch.Tensor] | None = None) -> None:
-        """``attention(module, x, key_prefix, value_prefix, attn_mask=None, is_causal=False)`` computes a
-        prefixed block's attention (default ``prefix_attention``; LAE passes its compensated variant)."""
+    def __init__(self, vit: nn.Module, compensated: bool = False) -> None:
+        """``compensated``: prefixed blocks use LAE's compensatory attention (see ``prefix_attention``)."""
         _check_vit(vit)
         self.vit = vit
-        self.attention = attention or prefix_attention
+        self.compensated = compensated
         self._prompt_tokens: torch.Tensor | None = None
         self._prefixes: Mapping[int, Prefix] = {}
         self._hook = vit.norm_pre.register_forward_pre_hook(self._insert_prompt_tokens)
@@ -126,11 +141,11 @@ class PromptedViT:
         """
         prefixes = dict(prefixes or {})
         if getattr(self.vit, "grad_checkpointing", False):
-            raise PilotError("prompts cannot be used with gradient checkpointing, which re-runs blocks outside "
+            raise ValueError("prompts cannot be used with gradient checkpointing, which re-runs blocks outside "
                              "`use` during backward; call vit.set_grad_checkpointing(False)")
         unknown = sorted(set(prefixes) - set(range(len(self.vit.blocks))))
         if unknown:
-            raise PilotError(f"prefixes given for blocks {unknown}, "
+            raise ValueError(f"prefixes given for blocks {unknown}, "
                              f"but the ViT has blocks 0..{len(self.vit.blocks) - 1}")
         previous = self._prompt_tokens, self._prefixes
         self._prompt_tokens, self._prefixes = prompt_tokens, prefixes
@@ -152,7 +167,7 @@ class PromptedViT:
             return None
         x = args[0]
         if tokens.dim() != 3 or tokens.shape[0] != x.shape[0] or tokens.shape[2] != x.shape[2]:
-            raise PilotError(f"prompt tokens must be [batch={x.shape[0]}, length, dim={x.shape[2]}], "
+            raise ValueError(f"prompt tokens must be [batch={x.shape[0]}, length, dim={x.shape[2]}], "
                              f"got {list(tokens.shape)}")
         split = self.num_prefix_tokens
         return (torch.cat([x[:, :split], tokens.to(x.dtype), x[:, split:]], dim=1), *args[1:])
@@ -161,38 +176,31 @@ class PromptedViT:
         prefix = self._prefixes.get(layer)
         if prefix is None or prefix[0].shape[1] == 0:
             return type(attention).forward(attention, x, *args, **kwargs)
-        return self.attention(attention, x, *prefix, *args, **kwargs)
-
-
-def check_blocks(vit: nn.Module, key: str, blocks: Sequence[int]) -> None:
-    """Config check: every block index named by ``key`` exists in ``vit``."""
-    depth = len(vit.blocks)
-    if any(not 0 <= b < depth for b in blocks):
-        raise PilotError(f"{key} {list(blocks)} names blocks outside the backbone's 0..{depth - 1}.")
+        return prefix_attention(attention, x, *prefix, *args, compensated=self.compensated, **kwargs)
 
 
 def prefixes_for_blocks(prompts: torch.Tensor, blocks: Sequence[int]) -> dict[int, Prefix]:
     """Map layer ``j`` of prefix prompts ``[B, num_layers, 2, L, D]`` to ViT block ``blocks[j]``."""
     if prompts.dim() != 5 or prompts.shape[2] != 2:
-        raise PilotError(f"prefix prompts must be [batch, layers, 2, length, dim], got {list(prompts.shape)}")
+        raise ValueError(f"prefix prompts must be [batch, layers, 2, length, dim], got {list(prompts.shape)}")
     if prompts.shape[1] != len(blocks):
-        raise PilotError(f"{prompts.shape[1]} prompt layers cannot go to the {len(blocks)} blocks {list(blocks)}")
+        raise ValueError(f"{prompts.shape[1]} prompt layers cannot go to the {len(blocks)} blocks {list(blocks)}")
     return {block: (prompts[:, j, 0], prompts[:, j, 1]) for j, block in enumerate(blocks)}
 
 
 def _check_vit(vit: nn.Module) -> None:
     if not isinstance(vit, VisionTransformer):
-        raise PilotError(f"prompts attach to a timm VisionTransformer (e.g. timm.create_model('vit_base_patch16_224')),"
+        raise ValueError(f"prompts attach to a timm VisionTransformer (e.g. timm.create_model('vit_base_patch16_224')),"
                          f" got {type(vit).__name__}")
     if not isinstance(getattr(vit, "norm_pre", None), nn.Module):
-        raise PilotError("the ViT has no `norm_pre`; prompt tuning needs timm >= 0.9")
+        raise ValueError("the ViT has no `norm_pre`; prompt tuning needs timm >= 0.9")
     for layer, block in enumerate(vit.blocks):
         attention = getattr(block, "attn", None)
         if not isinstance(getattr(attention, "qkv", None), nn.Linear) or not hasattr(attention, "num_heads"):
-            raise PilotError(f"blocks[{layer}].attn is not timm's Attention (no `qkv` Linear / `num_heads`); "
+            raise ValueError(f"blocks[{layer}].attn is not timm's Attention (no `qkv` Linear / `num_heads`); "
                              "prefix tuning needs timm's standard ViT blocks")
         if "forward" in vars(attention):
-            raise PilotError(f"blocks[{layer}].attn already has a patched forward (prompts attached twice?); "
+            raise ValueError(f"blocks[{layer}].attn already has a patched forward (prompts attached twice?); "
                              "call detach() on the existing PromptedViT first")
 
 
@@ -203,9 +211,9 @@ def _head_dim(attention: nn.Module) -> int:
 def _check_prefix(key_prefix: torch.Tensor, value_prefix: torch.Tensor, batch: int, width: int) -> None:
     for name, prefix in (("key", key_prefix), ("value", value_prefix)):
         if prefix.dim() != 3 or prefix.shape[0] != batch or prefix.shape[2] != width:
-            raise PilotError(f"{name} prefix must be [batch={batch}, length, dim={width}], got {list(prefix.shape)}")
+            raise ValueError(f"{name} prefix must be [batch={batch}, length, dim={width}], got {list(prefix.shape)}")
     if key_prefix.shape[1] != value_prefix.shape[1]:
-        raise PilotError(f"key and value prefixes differ in length: {key_prefix.shape[1]} vs {value_prefix.shape[1]}")
+        raise ValueError(f"key and value prefixes differ in length: {key_prefix.shape[1]} vs {value_prefix.shape[1]}")
 
 
 def _split_heads(prefix: torch.Tensor, heads: int) -> torch.Tensor:
@@ -241,7 +249,7 @@ class PromptPool(nn.Module):
                  prefix: bool = False, key_init: str = "uniform", prompt_init: str = "uniform") -> None:
         super().__init__()
         if not 1 <= top_k <= pool_size:
-            raise PilotError(f"top_k must be between 1 and pool_size={pool_size}, got {top_k}")
+            raise ValueError(f"top_k must be between 1 and pool_size={pool_size}, got {top_k}")
         self.top_k = top_k
         self.keys = nn.Parameter(_initial_values((pool_size, embed_dim), key_init))
         shape = (pool_size, num_layers, 2, length, embed_dim) if prefix else (pool_size, num_layers, length, embed_dim)
@@ -260,7 +268,7 @@ class PromptPool(nn.Module):
         own entries: there is no batch-wise majority vote.
         """
         if query.dim() != 2 or query.shape[1] != self.keys.shape[1]:
-            raise PilotError(f"query must be [batch, {self.keys.shape[1]}], got {list(query.shape)}")
+            raise ValueError(f"query must be [batch, {self.keys.shape[1]}], got {list(query.shape)}")
         similarity = F.normalize(query, dim=-1) @ F.normalize(self.keys, dim=-1).T
         if force_index is None:
             indices = self._top_k(similarity, allowed)
@@ -273,7 +281,7 @@ class PromptPool(nn.Module):
         if allowed is not None:
             allowed = torch.as_tensor(allowed, dtype=torch.long, device=similarity.device)
             if allowed.numel() < self.top_k:
-                raise PilotError(f"only {allowed.numel()} allowed prompts for top_k={self.top_k}")
+                raise ValueError(f"only {allowed.numel()} allowed prompts for top_k={self.top_k}")
             selectable = torch.zeros(self.pool_size, dtype=torch.bool, device=similarity.device)
             selectable[allowed] = True
             similarity = similarity.masked_fill(~selectable, float("-inf"))
@@ -284,9 +292,9 @@ class PromptPool(nn.Module):
         if indices.dim() == 1:
             indices = indices.unsqueeze(1)
         if indices.shape != (batch, self.top_k):
-            raise PilotError(f"force_index must be [{batch}] or [{batch}, {self.top_k}], got {list(indices.shape)}")
+            raise ValueError(f"force_index must be [{batch}] or [{batch}, {self.top_k}], got {list(indices.shape)}")
         if indices.min() < 0 or indices.max() >= self.pool_size:
-            raise PilotError(f"force_index must lie in 0..{self.pool_size - 1}")
+            raise ValueError(f"force_index must lie in 0..{self.pool_size - 1}")
         return indices
 
 
@@ -316,9 +324,23 @@ class GeneralPrompt(nn.Module):
         return self.prompts.expand(batch_size, *self.prompts.shape)
 
 
+class PrefixPET(nn.Module):
+    """LAE's Prefix PET: per block, key and value prefixes of ``length`` tokens, U(0, 0.01), each scaled by a
+    learnable scalar (init 1). ``forward(batch)`` gives [B, blocks, 2, length, D] for ``prefixes_for_blocks``."""
+
+    def __init__(self, length: int, embed_dim: int, num_blocks: int):
+        super().__init__()
+        self.tokens = GeneralPrompt(length, embed_dim, num_blocks, prefix=True, init="zero")
+        nn.init.uniform_(self.tokens.prompts, 0.0, 0.01)
+        self.scales = nn.Parameter(torch.ones(num_blocks, 2, 1, 1))
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.tokens(batch_size) * self.scales
+
+
 def _initial_values(shape: tuple[int, ...], init: str) -> torch.Tensor:
     if init not in _INITS:
-        raise PilotError(f"prompt/key init must be one of {_INITS}, got {init!r}")
+        raise ValueError(f"prompt/key init must be one of {_INITS}, got {init!r}")
     values = torch.zeros(shape)
     return nn.init.uniform_(values, -1.0, 1.0) if init == "uniform" else values
 
@@ -347,11 +369,11 @@ class CodaPrompt(nn.Module):
         super().__init__()
         per_task = num_components // num_tasks
         if per_task < 1:
-            raise PilotError(f"num_components={num_components} gives no component to each of {num_tasks} tasks")
+            raise ValueError(f"num_components={num_components} gives no component to each of {num_tasks} tasks")
         if length % 2:
-            raise PilotError(f"CODA-Prompt length must be even (half keys, half values), got {length}")
+            raise ValueError(f"CODA-Prompt length must be even (half keys, half values), got {length}")
         if per_task * num_tasks > embed_dim:
-            raise PilotError(f"{per_task * num_tasks} components cannot be mutually orthogonal in dim {embed_dim}; "
+            raise ValueError(f"{per_task * num_tasks} components cannot be mutually orthogonal in dim {embed_dim}; "
                              "use num_components <= embed_dim")
         self.num_tasks = num_tasks
         self.components = _zero_slices(num_tasks, (num_layers, per_task, length, embed_dim))
@@ -369,7 +391,7 @@ class CodaPrompt(nn.Module):
     def set_task(self, task: int) -> None:
         """Move on to ``task`` (official ``process_task_count`` = ``set_task(task + 1)``), initialising new slices."""
         if not self.task <= task < self.num_tasks:
-            raise PilotError(f"CODA-Prompt can move from task {self.task} to a task in {self.task}.."
+            raise ValueError(f"CODA-Prompt can move from task {self.task} to a task in {self.task}.."
                              f"{self.num_tasks - 1}, not {task}")
         for new_task in range(self.task + 1, task + 1):
             self._init_slice(new_task)

@@ -8,7 +8,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-from pilot.errors import PilotError
 
 OFFICIAL_LAMBDAS: tuple[float, ...] = tuple(10.0 ** exponent for exponent in range(-8, 9))
 """RanPAC's candidates ``10.0 ** np.arange(-8, 9)``."""
@@ -24,7 +23,7 @@ class RandomProjection(nn.Module):
     def __init__(self, in_dim: int, out_dim: int = 10000, *, seed: int) -> None:
         super().__init__()
         if in_dim < 1 or out_dim < 1:
-            raise PilotError(f"random projection needs positive sizes, got in_dim={in_dim}, out_dim={out_dim}")
+            raise ValueError(f"random projection needs positive sizes, got in_dim={in_dim}, out_dim={out_dim}")
         generator = torch.Generator().manual_seed(seed)
         self.register_buffer("weight", torch.randn(in_dim, out_dim, generator=generator))
 
@@ -143,12 +142,12 @@ class RidgeState:
     def add(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
         """Accumulate features ``[n, M]`` with integer labels in ``[0, num_classes)`` (classes seen so far)."""
         if features.dim() != 2 or features.shape[1] != self.dim or len(labels) != len(features):
-            raise PilotError(f"ridge features must be [n, {self.dim}] with n labels, "
+            raise ValueError(f"ridge features must be [n, {self.dim}] with n labels, "
                              f"got {tuple(features.shape)} and {len(labels)} labels")
         if num_classes < self.num_classes:
-            raise PilotError(f"num_classes can only grow: state has {self.num_classes}, got {num_classes}")
+            raise ValueError(f"num_classes can only grow: state has {self.num_classes}, got {num_classes}")
         if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
-            raise PilotError(f"labels must lie in [0, {num_classes}); pass the number of classes seen so far")
+            raise ValueError(f"labels must lie in [0, {num_classes}); pass the number of classes seen so far")
         self.num_classes = num_classes
         if not len(features):
             return
@@ -161,7 +160,7 @@ class RidgeState:
     def solve(self, lam: float) -> torch.Tensor:
         """``W_o = (G + lam I)^-1 Q`` ([M, classes], float64); logits are ``h @ W_o``."""
         if lam <= 0:
-            raise PilotError(f"ridge lambda must be positive, got {lam}")
+            raise ValueError(f"ridge lambda must be positive, got {lam}")
         return _with_columns(self.statistics.solve(lam), self.num_classes)
 
     def state_dict(self) -> dict:
@@ -173,7 +172,7 @@ class RidgeState:
         tensors = state["tensors"]
         saved_dim = len(next(iter(tensors.values())))
         if saved_dim != self.dim:
-            raise PilotError(f"ridge state is for dimension {saved_dim}, this one has {self.dim}; "
+            raise ValueError(f"ridge state is for dimension {saved_dim}, this one has {self.dim}; "
                              "use the same random-projection size as the saved run")
         form = CompactStatistics if state["form"] == "compact" else DenseStatistics
         self.statistics = form(**{name: t.to(self.device, torch.float64).clone() for name, t in tensors.items()})
@@ -190,7 +189,7 @@ def split_fit_val(features: torch.Tensor, labels: torch.Tensor, fit_fraction: fl
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed)).to(features.device)
     num_fit = int(len(features) * fit_fraction)
     if not 0 < num_fit < len(features):
-        raise PilotError(f"cannot split {len(features)} samples with fit_fraction={fit_fraction} "
+        raise ValueError(f"cannot split {len(features)} samples with fit_fraction={fit_fraction} "
                          "into non-empty fit and validation parts")
     fit, val = order[:num_fit], order[num_fit:]
     return features[fit], labels[fit.to(labels.device)], features[val], labels[val.to(labels.device)]
@@ -229,9 +228,9 @@ def select_lambda(h_fit: torch.Tensor, y_fit: torch.Tensor, h_val: torch.Tensor,
     """
     lambdas = [float(lam) for lam in candidates]
     if not lambdas or min(lambdas) <= 0:
-        raise PilotError(f"lambda candidates must be a non-empty list of positive numbers, got {lambdas}")
+        raise ValueError(f"lambda candidates must be a non-empty list of positive numbers, got {lambdas}")
     if criterion not in ("mse", "accuracy"):
-        raise PilotError(f"criterion must be 'mse' or 'accuracy', got {criterion!r}")
+        raise ValueError(f"criterion must be 'mse' or 'accuracy', got {criterion!r}")
     # One-hot width only needs to cover the labels present: classes absent from the fit part get zero
     # predictions for every lambda, so RanPAC's wider one-hot (all classes) changes no comparison.
     num_classes = max(int(y_fit.max()), int(y_val.max())) + 1

@@ -11,7 +11,6 @@ the pretrained features of the same ViT weights (one copy of the ViT for both).
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from dataclasses import dataclass
 
@@ -21,8 +20,9 @@ from torch import nn
 from pilot.data.stream import Split, Task
 from pilot.errors import PilotError
 from pilot.features import FeatureStore
+from pilot.learners._gradient import GradientLearner, TrainConfig, validate_train_config
 from pilot.modules.adapters import AdapterSet, attach_adapters, freeze
-from pilot.training import GradientLearner, TrainConfig, validate_train_config
+from pilot.modules.heads import CosineHead
 
 
 @dataclass
@@ -37,19 +37,6 @@ class AdaptationConfig(TrainConfig):
     optimizer: str = "sgd"
     scheduler: str = "cosine"  # PILOT's code always anneals (CosineAnnealingLR, T_max = tuned_epoch)
     ffn_num: int = 64  # adapter bottleneck
-
-
-class CosineHead(nn.Module):
-    """``sigma * cos(features, w_c)`` with a learnable ``sigma`` (PILOT's ``CosineLinear`` and init)."""
-
-    def __init__(self, in_dim: int, num_classes: int) -> None:
-        super().__init__()
-        bound = 1 / math.sqrt(in_dim)
-        self.weight = nn.Parameter(torch.empty(num_classes, in_dim).uniform_(-bound, bound))
-        self.sigma = nn.Parameter(torch.ones(1))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.sigma * nn.functional.normalize(features, dim=1) @ nn.functional.normalize(self.weight, dim=1).T
 
 
 class AdaptedEncoder(nn.Module):
@@ -93,7 +80,7 @@ class FirstTaskAdaptationLearner(GradientLearner):
         self.adapted_features: FeatureStore = ctx.features
         if config.tuned_epoch:
             freeze(ctx.backbone)
-            adapters = attach_adapters(ctx.backbone.model, bottleneck=config.ffn_num).to(ctx.device)
+            adapters = attach_adapters(self.require_vit(), bottleneck=config.ffn_num).to(ctx.device)
             adapters.enabled = False
             self.net["adapters"] = adapters  # checkpoints hold the adapters, not the ViT
             self.encoder = AdaptedEncoder(ctx.backbone, adapters)
@@ -132,8 +119,7 @@ class FirstTaskAdaptationLearner(GradientLearner):
         if self.adapting:
             del self.net["head"]
             self.freeze_adapters()
-            if self.ctx.log is not None:
-                self.ctx.log.info(f"adapted on the first task in {time.perf_counter() - self.adaptation_started:.2f}s")
+            self.ctx.log.info(f"adapted on the first task in {time.perf_counter() - self.adaptation_started:.2f}s")
         self.update_classifier(task)
 
     def freeze_adapters(self) -> None:

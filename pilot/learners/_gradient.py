@@ -1,13 +1,16 @@
 """The training template shared by learners that fit parameters with gradients.
 
 A subclass says what is different about its method: which modules train (``trainable``), the
-logits (and any extra loss) of a training batch, and the logits of an evaluation batch. The
-template owns the optimiser and schedule (PILOT's keys), the epoch loop, masking of the logits
-of classes outside the current task, gradient clipping, mixed precision and evaluation.
+logits (and any extra loss) of a training batch, and the logits of an evaluation batch; named
+hooks (``begin_task``, ``begin_epoch``, ``param_groups``, ``after_step``, ``end_task``) add what
+happens around them. The template owns the optimiser and schedule (PILOT's keys), the epoch loop,
+masking of the logits of classes outside the current task, gradient clipping, mixed precision and
+evaluation. ``fit_on_features`` is the small loop for heads trained on batches of features.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,7 +22,7 @@ from tqdm import tqdm
 from pilot.config import LearnerConfig
 from pilot.data.stream import Split, Task
 from pilot.errors import PilotError
-from pilot.learners.base import Learner
+from pilot.learners._base import Learner
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("constant", "cosine", "steplr")
@@ -27,7 +30,11 @@ SCHEDULERS = ("constant", "cosine", "steplr")
 
 @dataclass
 class TrainConfig(LearnerConfig):
-    """PILOT's optimisation keys; each learner's subclass sets its method's published values."""
+    """PILOT's optimisation keys; each learner's subclass sets its method's published values.
+
+    PILOT's SLCA names three of them ``epochs``, ``lrate``, ``lrate_decay``: those names work too
+    (``pilot.config.PILOT_KEY_ALIASES``).
+    """
 
     tuned_epoch: int = 5
     init_lr: float = 0.001
@@ -56,8 +63,9 @@ def validate_train_config(config: TrainConfig) -> None:
                          f"they would never apply. Use milestones below tuned_epoch.")
 
 
-def make_optimizer(parameters: list[nn.Parameter], config: TrainConfig, lr: Optional[float] = None) -> torch.optim.Optimizer:
-    lr = config.init_lr if lr is None else lr
+def make_optimizer(parameters: list[nn.Parameter] | list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    """PILOT's optimiser at ``init_lr``; parameter groups may set their own ``lr``."""
+    lr = config.init_lr
     if config.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
@@ -72,6 +80,28 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
     if config.scheduler == "steplr":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=config.milestones, gamma=config.lr_decay)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: Iterable[nn.Parameter] = (),
+            clip_grad: float = 0.0) -> float:
+    """One optimiser step on ``loss``, clipping the gradient norm of ``clip`` to ``clip_grad`` (0 = off)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(clip, clip_grad)
+    optimizer.step()
+    return loss.item()
+
+
+def fit_on_features(logits: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer, epochs: int,
+                    batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], scheduler=None) -> None:
+    """Cross-entropy training of a head on feature batches: ``batches()`` yields one epoch's
+    (features, targets); the scheduler, if any, steps after each epoch."""
+    for _ in range(epochs):
+        for features, targets in batches():
+            descend(optimizer, F.cross_entropy(logits(features), targets))
+        if scheduler is not None:
+            scheduler.step()
 
 
 def mask_to_task(logits: torch.Tensor, task: Task) -> torch.Tensor:
@@ -126,9 +156,12 @@ class GradientLearner(Learner):
     def train_transform(self):
         return self.ctx.train_transform()
 
-    def make_optimizer(self, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
-        """One optimiser per task (PILOT's reinit_optimizer); override for parameter groups."""
-        return make_optimizer(parameters, self.config)
+    def param_groups(self, parameters: list[nn.Parameter]) -> list[nn.Parameter] | list[dict]:
+        """What the task's optimiser gets: the parameters, or groups with their own ``lr`` (SLCA's slow backbone)."""
+        return parameters
+
+    def after_step(self, task: Task) -> None:
+        """After each optimiser step (e.g. LAE's EMA of the online module)."""
 
     def set_train_mode(self, training: bool) -> None:
         """Frozen backbones stay in eval mode; override where a method fine-tunes."""
@@ -146,7 +179,7 @@ class GradientLearner(Learner):
 
     def train_epochs(self, task: Task, parameters: list[nn.Parameter]) -> None:
         config, ctx = self.config, self.ctx
-        optimizer = self.make_optimizer(parameters)
+        optimizer = make_optimizer(self.param_groups(parameters), config)  # one per task: PILOT's reinit_optimizer
         scheduler = make_scheduler(optimizer, config)
         loader = ctx.train_loader(task.train, config.batch_size, self.train_transform())
         self.set_train_mode(True)
@@ -165,24 +198,18 @@ class GradientLearner(Learner):
             logits, extra = self.train_outputs(images, labels, task)
         if self.mask_old_classes:
             logits = mask_to_task(logits.float(), task)
-        loss = F.cross_entropy(logits.float(), labels) + extra
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.config.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(parameters, self.config.clip_grad)
-        optimizer.step()
-        return loss.item()
+        loss = descend(optimizer, F.cross_entropy(logits.float(), labels) + extra, parameters, self.config.clip_grad)
+        self.after_step(task)
+        return loss
 
-    @torch.no_grad()
     def predict(self, split: Split) -> torch.Tensor:
         self.set_train_mode(False)
         queries = self.eval_queries(split)
-        chunks = []
-        for images, _, positions in self.ctx.eval_loader(split):
-            batch_queries = None if queries is None else queries[positions].to(self.ctx.device)
-            with self.ctx.autocast():
-                chunks.append(self.eval_logits(images.to(self.ctx.device), batch_queries).float().cpu())
-        return torch.cat(chunks)[:, : self.num_seen]
+        if queries is None:
+            logits = self.ctx.encode(lambda images: self.eval_logits(images, None), split)
+        else:
+            logits = self.ctx.encode(self.eval_logits, split, extra=queries)
+        return logits[:, : self.num_seen]
 
     def state_dict(self):
         return {"num_seen": self.num_seen, "net": self.net.state_dict()}

@@ -9,8 +9,8 @@ import torch
 
 from pilot.data.stream import Split, Task
 from pilot.learners import register_learner
-from pilot.learners.first_task_adaptation import AdaptationConfig, FirstTaskAdaptationLearner
-from pilot.learners.simplecil import class_means, cosine_logits
+from pilot.learners._first_task_adaptation import AdaptationConfig, FirstTaskAdaptationLearner
+from pilot.modules.heads import PrototypeClassifier
 
 
 @register_learner("aper_adapter")
@@ -19,21 +19,21 @@ class APERAdapter(FirstTaskAdaptationLearner):
 
     def __init__(self, config: AdaptationConfig, ctx):
         super().__init__(config, ctx)
-        self.prototypes = torch.zeros(0, 2 * ctx.backbone.feature_dim)
+        self.classifier = PrototypeClassifier(2 * ctx.backbone.feature_dim)
 
     def combined_features(self, split: Split) -> torch.Tensor:
         return torch.cat([self.ctx.features(split), self.adapted_features(split)], dim=1)
 
     def update_classifier(self, task: Task) -> None:
         labels = torch.as_tensor(task.train.labels)
-        self.prototypes = torch.cat([self.prototypes, class_means(self.combined_features(task.train), labels, task.classes)])
+        self.classifier.add_classes(self.combined_features(task.train), labels, task.classes)
 
     def predict(self, split: Split) -> torch.Tensor:
-        return cosine_logits(self.combined_features(split), self.prototypes)
+        return self.classifier(self.combined_features(split))
 
     def state_dict(self):
-        return {**super().state_dict(), "prototypes": self.prototypes}
+        return {**super().state_dict(), "classifier": self.classifier.state_dict()}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        self.prototypes = state["prototypes"]
+        self.classifier.load_state_dict(state["classifier"])

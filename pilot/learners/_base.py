@@ -4,9 +4,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 from pilot.config import LearnerConfig
+from pilot.context import RunContext
 from pilot.data.stream import Split, Task
+from pilot.errors import PilotError
 
 
 class Learner:
@@ -16,14 +19,14 @@ class Learner:
     test images of every task seen so far; then ``state_dict()`` for the checkpoint. On resume a new
     instance gets ``load_state_dict`` instead of the earlier ``fit`` calls.
 
-    ``ctx`` (a :class:`pilot.engine.RunContext`) gives the backbone, device, loaders, the frozen
-    feature store and the run's random generator.
+    ``ctx`` gives the backbone, the protocol's facts, device, loaders, the frozen feature store and
+    the run's random generator.
     """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[LearnerConfig]] = LearnerConfig
 
-    def __init__(self, config: LearnerConfig, ctx: Any):
+    def __init__(self, config: LearnerConfig, ctx: RunContext):
         self.config = config
         self.ctx = ctx
 
@@ -44,3 +47,11 @@ class Learner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def require_vit(self) -> VisionTransformer:
+        """The backbone's timm ViT, which prompts and adapters attach to; a clear error for other backbones."""
+        model = self.ctx.backbone.model
+        if not isinstance(model, VisionTransformer):
+            raise PilotError(f"{self.name} needs a timm VisionTransformer backbone, got {type(model).__name__}; set "
+                             f"backbone_type to a ViT, e.g. vit_base_patch16_224.augreg_in21k.")
+        return model

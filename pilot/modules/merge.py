@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from pilot.errors import PilotError
 
 Weights = Mapping[str, torch.Tensor]
 
@@ -29,17 +28,17 @@ def _check_same_layout(first: Weights, second: Weights, first_name: str, second_
     missing = sorted(set(first) - set(second))
     extra = sorted(set(second) - set(first))
     if missing or extra:
-        raise PilotError(f"{first_name} and {second_name} hold different tensors: only in {first_name}: "
+        raise ValueError(f"{first_name} and {second_name} hold different tensors: only in {first_name}: "
                          f"{missing[:5]}, only in {second_name}: {extra[:5]}; pass weights of the same architecture")
     for name, tensor in first.items():
         if tensor.shape != second[name].shape:
-            raise PilotError(f"`{name}` has shape {tuple(tensor.shape)} in {first_name} but "
+            raise ValueError(f"`{name}` has shape {tuple(tensor.shape)} in {first_name} but "
                              f"{tuple(second[name].shape)} in {second_name}; pass weights of the same architecture")
 
 
 def _check_weight(value: float, name: str) -> None:
     if not 0.0 <= value <= 1.0:
-        raise PilotError(f"{name} must lie in [0, 1], got {value}")
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
 
 
 @torch.no_grad()
@@ -86,11 +85,11 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[Any],
     names = list(named) if params is None else list(params)
     unknown = [name for name in names if name not in named]
     if unknown:
-        raise PilotError(f"diagonal_fisher: the model has no parameters named {unknown[:5]}")
+        raise ValueError(f"diagonal_fisher: the model has no parameters named {unknown[:5]}")
     fisher = {name: torch.zeros_like(named[name]) for name in names}
     trainable = [name for name in names if named[name].requires_grad]
     if not trainable:
-        raise PilotError("diagonal_fisher: none of the selected parameters requires grad; unfreeze them first")
+        raise ValueError("diagonal_fisher: none of the selected parameters requires grad; unfreeze them first")
     num_batches = 0
     for batch in islice(batches, max_batches):
         loss = loss_fn(model, batch)
@@ -100,7 +99,7 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[Any],
                 fisher[name] += gradient.detach().pow(2)
         num_batches += 1
     if num_batches == 0:
-        raise PilotError("diagonal_fisher got no batches; pass a non-empty loader (and max_batches >= 1)")
+        raise ValueError("diagonal_fisher got no batches; pass a non-empty loader (and max_batches >= 1)")
     return {name: value / num_batches for name, value in fisher.items()}
 
 
@@ -120,7 +119,7 @@ def fisher_merge(params_a: Weights, fisher_a: Weights, params_b: Weights, fisher
     """
     _check_weight(weight_b, "weight_b")
     if fisher_max is not None and fisher_max <= 0:
-        raise PilotError(f"fisher_max must be positive or None, got {fisher_max}")
+        raise ValueError(f"fisher_max must be positive or None, got {fisher_max}")
     shared_b = {name: params_b[name] for name in params_a if name in params_b}
     _check_same_layout(params_a, shared_b, "params_a", "params_b")
     for fisher, label in ((fisher_a, "fisher_a"), (fisher_b, "fisher_b")):

@@ -2,6 +2,7 @@
 from the same frozen ViT without prompts, and a linear head over all classes of the stream."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -9,8 +10,15 @@ from torch import nn
 
 from pilot.data.stream import Split, Task
 from pilot.errors import PilotError
+from pilot.learners._gradient import GradientLearner
 from pilot.modules.prompting import PromptedViT
-from pilot.training import GradientLearner
+
+
+def check_blocks(vit: nn.Module, key: str, blocks: Sequence[int]) -> None:
+    """Config check: every block index named by ``key`` exists in ``vit``."""
+    depth = len(vit.blocks)
+    if any(not 0 <= b < depth for b in blocks):
+        raise PilotError(f"{key} {list(blocks)} names blocks outside the backbone's 0..{depth - 1}.")
 
 
 class PromptLearner(GradientLearner):
@@ -18,14 +26,10 @@ class PromptLearner(GradientLearner):
 
     def __init__(self, config, ctx):
         super().__init__(config, ctx)
-        self.vit = ctx.backbone.model
-        try:
-            self.prompts = PromptedViT(self.vit)
-        except PilotError as err:
-            raise PilotError(f"{self.name} needs a timm ViT backbone ({err}); set backbone_type to a ViT, "
-                             f"e.g. vit_base_patch16_224.augreg_in21k.") from None
+        self.vit = self.require_vit()
+        self.prompts = PromptedViT(self.vit)
         self.vit.requires_grad_(False)  # one copy of the weights, frozen: it also computes the query
-        self.net["head"] = nn.Linear(ctx.backbone.feature_dim, ctx.stream.num_classes)
+        self.net["head"] = nn.Linear(ctx.backbone.feature_dim, ctx.protocol.num_classes)
 
     def attach(self) -> None:
         """Move the method's modules next to the backbone once they are all in ``self.net``."""
