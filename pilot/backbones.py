@@ -105,8 +105,8 @@ def _timm_backbone(name: str, pretrained: bool, path: Optional[Path], seed: int,
             f"timm.list_models(), or 'open_clip:<model>:<tag>' for an open_clip image encoder."
         )
     kwargs = dict(num_classes=0, **model_args)
-    if path is not None:
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
+    if path is not None:  # the local file joins the user's overlay (input size, crop, mean/std), not replaces it
+        kwargs["pretrained_cfg_overlay"] = {**model_args.get("pretrained_cfg_overlay", {}), "file": str(path)}
     try:
         model = timm.create_model(name, pretrained=pretrained or path is not None, **kwargs)
     except Exception as err:  # hub and file errors come in many types

@@ -33,8 +33,7 @@ IGNORED_PILOT_KEYS = frozenset({
     "prompt_pool", "prompt_key", "use_prompt_mask", "embedding_key", "predefined_key", "use_g_prompt",
     "use_e_prompt", "use_prefix_tune_for_g_prompt", "use_prefix_tune_for_e_prompt", "same_key_value",
     "shared_prompt_key", "shared_prompt_pool",
-    # A majority vote over the test batch makes accuracy depend on the batch: pilot always selects
-    # prompts per image, so PILOT's `batchwise_prompt: true` is ignored (with the warning).
+    # L2P and DualPrompt honour it (off by default); other learners choose no prompts from a pool.
     "batchwise_prompt",
 })
 
@@ -83,6 +82,9 @@ class ExperimentConfig:
     # Optional on-disk cache of frozen-backbone features; empty = in memory only.
     feature_cache_dir: str = ""
     log_dir: str = "logs"
+    # Image transforms: "backbone" (its pretrained config: size, crop, mean/std) or "pilot"
+    # (exactly LAMDA-PILOT's, inputs in [0, 1], to reproduce its numbers); see pilot.data.transforms.
+    preprocess: str = "backbone"
     # bf16 autocast for training and inference on CUDA (ignored on the CPU, where it is slower).
     mixed_precision: bool = False
     progress: bool = True
@@ -192,6 +194,8 @@ def assemble_config(learner_cls: type, raw: dict[str, Any], overrides: dict[str,
     valid = exp_keys | learner_keys
     ignored, exp_values, learner_values = [], {}, {}
     for key, value in values.items():
+        if key.startswith("_"):  # "_comment" and the like: notes for readers of the file
+            continue
         if key in learner_keys:
             learner_values[key] = value
         elif key in exp_keys:

@@ -13,8 +13,9 @@ from tqdm import tqdm
 
 from pilot.backbones import Backbone
 from pilot.config import ExperimentConfig
-from pilot.data import SourceDataset, Split, TaskStream, eval_transform, train_transform
+from pilot.data import SourceDataset, Split, TaskStream
 from pilot.data.loader import make_loader
+from pilot.data.transforms import PILOT_CROP_SCALE, Preprocessing
 from pilot.features import FeatureStore
 
 
@@ -54,16 +55,15 @@ class RunContext:
     """Handed to every learner. ``features`` is the frozen backbone's feature store."""
 
     def __init__(self, experiment: ExperimentConfig, backbone: Backbone, dataset: SourceDataset,
-                 protocol: Protocol, device: torch.device, generator: torch.Generator):
+                 protocol: Protocol, device: torch.device, generator: torch.Generator, preprocessing: Preprocessing):
         self.experiment = experiment
         self.backbone = backbone
         self.protocol = protocol
         self.device = device
         self.generator = generator
         self.log: logging.Logger = logging.getLogger("pilot")  # the run's log once the run starts
-        # Identifies the images behind a split: the feature stores' cache key and resize rule.
-        self._dataset_key = f"{dataset.name}|{dataset.fingerprint}"
-        self._resize_to_model = dataset.resize_to_model
+        self.preprocessing = preprocessing
+        self._dataset_key = f"{dataset.name}|{dataset.fingerprint}"  # the feature stores' cache key
         self._stores: list[FeatureStore] = []
         self.features = self.feature_store(backbone, backbone.identity)
 
@@ -71,14 +71,15 @@ class RunContext:
 
     @torch.no_grad()
     def encode(self, encoder: Callable[..., torch.Tensor], split: Split, extra: Optional[torch.Tensor] = None,
-               desc: str = "") -> torch.Tensor:
+               desc: str = "", batch_size: Optional[int] = None) -> torch.Tensor:
         """``encoder(images)`` over ``split`` in eval batches and split order, under autocast: float32 on the CPU.
 
         ``extra`` (rows aligned with the split, e.g. cached queries) gives ``encoder(images, extra[batch])``.
-        The caller puts its modules in eval mode. ``desc`` names a progress bar.
+        The caller puts its modules in eval mode. ``desc`` names a progress bar; ``batch_size`` replaces
+        ``eval_batch_size`` where the batches matter (batch-wise prompts).
         """
         chunks = []
-        batches = tqdm(self.eval_loader(split), desc=desc, leave=False, disable=not (desc and self.experiment.progress))
+        batches = tqdm(self.eval_loader(split, batch_size=batch_size), desc=desc, leave=False, disable=not (desc and self.experiment.progress))
         for images, _, positions in batches:
             inputs = (images.to(self.device),) if extra is None else (images.to(self.device), extra[positions].to(self.device))
             with self.autocast():
@@ -106,20 +107,20 @@ class RunContext:
 
     @property
     def eval_transform(self):
-        return eval_transform(self.backbone.data_config, self._resize_to_model)
+        return self.preprocessing.eval()
 
-    def train_transform(self, crop_scale: tuple[float, float] = (0.05, 1.0)):
-        return train_transform(self.backbone.data_config, self._resize_to_model, crop_scale)
+    def train_transform(self, crop_scale: tuple[float, float] = PILOT_CROP_SCALE):
+        return self.preprocessing.train(crop_scale)
 
-    def train_loader(self, split: Split, batch_size: int, transform=None):
+    def train_loader(self, split: Split, batch_size: int, transform=None, drop_last: bool = False):
         """Augmented (``train_transform()`` unless given), shuffled with the run's generator."""
         return make_loader(split, transform or self.train_transform(), batch_size, shuffle=True,
-                           num_workers=self.experiment.num_workers, generator=self.generator)
+                           num_workers=self.experiment.num_workers, generator=self.generator, drop_last=drop_last)
 
-    def eval_loader(self, split: Split, transform=None):
+    def eval_loader(self, split: Split, transform=None, batch_size: Optional[int] = None):
         """In split order, eval transform; draws from no generator, so evaluating never changes
         what training draws next (a resumed run re-evaluates nothing, yet must match)."""
-        return make_loader(split, transform or self.eval_transform, self.experiment.eval_batch_size,
+        return make_loader(split, transform or self.eval_transform, batch_size or self.experiment.eval_batch_size,
                            num_workers=self.experiment.num_workers, generator=torch.Generator())
 
     def autocast(self):

@@ -20,6 +20,7 @@ from pilot.backbones import create_backbone
 from pilot.config import ExperimentConfig, RunConfig
 from pilot.context import Protocol, RunContext
 from pilot.data import TaskStream, load_dataset
+from pilot.data.transforms import Preprocessing
 from pilot.errors import PilotError
 from pilot.learners import learner_class
 from pilot.metrics import AccuracyMatrix
@@ -131,9 +132,13 @@ class Run:
         backbone = create_backbone(exp.backbone_type, exp.pretrained, exp.pretrained_path, exp.weights_dir,
                                    self.seed, **exp.backbone_args)
         self.generator = torch.Generator().manual_seed(self.seed)
+        learner_cls = learner_class(exp.model_name)
+        preprocessing = Preprocessing(exp.preprocess, backbone.data_config, self.dataset.resize_to_model,
+                                      learner_cls.pilot_variant, learner_cls.official_variant, exp.model_name,
+                                      exp.dataset)
         self.ctx = RunContext(exp, backbone.to(self.device), self.dataset, Protocol.of(self.stream), self.device,
-                              self.generator)
-        self.learner = learner_class(exp.model_name)(config.learner, self.ctx)
+                              self.generator, preprocessing)
+        self.learner = learner_cls(config.learner, self.ctx)
         self.run_dir = run_directory(exp, self.seed)
         self.checkpoint_path = self.run_dir / "checkpoint.pt"
         self.matrix = AccuracyMatrix()
@@ -181,14 +186,17 @@ class Run:
         evaluated = time.perf_counter()
         self.matrix.add_step(correct, total)
         summary = self.matrix.step_summary(task.index)
+        report = self.learner.evaluation_report()
         row = {"task": task.index, "classes_seen": task.num_seen, **summary,
-               "train_seconds": trained - started, "eval_seconds": evaluated - trained}
+               "train_seconds": trained - started, "eval_seconds": evaluated - trained, **report}
         self.rows.append(row)
         old = "-" if task.index == 0 else f"{summary['old_accuracy']:.2f}"
         log.info(f"task {task.index + 1}/{len(self.stream)} classes {task.num_seen}: accuracy {summary['accuracy']:.2f} "
                  f"(old {old}, new {summary['new_accuracy']:.2f}), "
                  f"average {summary['average_incremental_accuracy']:.2f}, "
                  f"train {row['train_seconds']:.1f}s eval {row['eval_seconds']:.1f}s")
+        for name, value in report.items():
+            log.info(f"task {task.index + 1} {name.replace('_', ' ')}: {value}")
         scalars.add(task.num_seen, {f"accuracy/{k}": v for k, v in summary.items()})
         atomic_torch_save({"config": config_for_resume(self.config), "completed_tasks": task.index + 1,
                            "learner": self.learner.state_dict(), "rng": rng_state(self.generator),
@@ -197,8 +205,8 @@ class Run:
 
     def _evaluate(self, step: int) -> tuple[list[int], list[int]]:
         correct, total = [], []
-        for task in self.stream.tasks[: step + 1]:
-            logits = self.learner.predict(task.test)
+        seen = self.stream.tasks[: step + 1]
+        for task, logits in zip(seen, self.learner.predict_tasks([task.test for task in seen])):
             num_seen = self.stream.tasks[step].num_seen
             if logits.shape != (len(task.test), num_seen):
                 raise RuntimeError(f"{type(self.learner).__name__}.predict returned logits of shape "
@@ -214,6 +222,7 @@ class Run:
             "status": "complete" if complete else "running",
             "config": self.config.to_flat_dict(),
             "ignored_keys": self.config.ignored_keys,
+            "batch_dependent_evaluation": self.learner.batch_dependent_evaluation,
             "seed": self.seed,
             "versions": versions(),
             "device": str(self.device),

@@ -1,10 +1,11 @@
 import json
 
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 
-from pilot.backbones import create_backbone, resolve_backbone_name
+from pilot.backbones import create_backbone, file_sha256, resolve_backbone_name
 from pilot.errors import PilotError
 
 from conftest import TINY_VIT
@@ -79,3 +80,15 @@ def test_open_clip_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PilotError, match="Could not load open_clip weights"):
         create_backbone("open_clip:pilot-tiny-clip:no-such-tag", pretrained=True)
+
+
+def test_a_local_weights_file_keeps_the_users_pretrained_cfg_overlay(tmp_path):
+    tiny = {"img_size": 32, "patch_size": 8, "depth": 2}
+    path = tmp_path / "tiny.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, **tiny).state_dict(), path)
+    overlay = {"crop_pct": 1.0, "mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6), "interpolation": "bilinear"}
+    backbone = create_backbone("vit_tiny_patch16_224", True, str(path), None, 0, pretrained_cfg_overlay=overlay, **tiny)
+    config = backbone.data_config
+    assert (config.crop_pct, config.mean, config.std, config.interpolation) == (1.0, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6),
+                                                                                "bilinear")
+    assert backbone.identity.endswith(f"file-sha256:{file_sha256(path)}")

@@ -21,7 +21,7 @@ def parameters(module) -> dict:
 @pytest.mark.parametrize("fisher_weighting", [True, False])
 def test_merge_combines_previous_final_model_and_trained_model_by_their_fishers(tmp_path, fisher_weighting):
     # No alignment, so the aligned heads hold the merge's result.
-    run = Run(build_config(cofima_raw(tmp_path, ca_epochs=0, fisher_weighting=fisher_weighting)))
+    run = Run(build_config(cofima_raw(tmp_path, ca_epochs=0, fisher_weighting=fisher_weighting, new_head="trained")))
     learner = run.learner
     first, second = run.stream.tasks[:2]
     learner.fit(first)
@@ -70,3 +70,25 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     uninterrupted, _ = assert_resume_matches_uninterrupted(lambda folder: build_config(cofima_raw(tmp_path / folder)))
     assert uninterrupted["status"] == "complete" and len(uninterrupted["accuracy_curve"]) == 4
 
+
+
+def test_the_new_head_after_a_fisher_merge_is_its_capped_fisher_times_its_weights(tmp_path):
+    """The official rule (F_theta1 in the official interpolate_weights): about zero; alignment relearns it."""
+    run = Run(build_config(cofima_raw(tmp_path, ca_epochs=0)))
+    learner = run.learner
+    first, second = run.stream.tasks[:2]
+    learner.fit(first)
+    recorded, merge = {}, learner.merge_with_previous
+
+    def recording_merge(fisher):
+        recorded["trained"] = parameters(learner.net["aligned_heads"][1])
+        recorded["fisher"] = fisher
+        merge(fisher)
+
+    learner.merge_with_previous = recording_merge
+    learner.fit(second)
+    for name in ("weight", "bias"):
+        fisher = recorded["fisher"][f"heads.1.{name}"].clamp(max=1e-4)
+        merged = getattr(learner.net["aligned_heads"][1], name)
+        torch.testing.assert_close(merged, fisher * recorded["trained"][name])
+        assert merged.abs().max() <= 1e-4 * recorded["trained"][name].abs().max()

@@ -1,5 +1,6 @@
 import json
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -170,3 +171,17 @@ def test_importing_the_config_schema_imports_no_learner():
             "loaded = [m for m in sys.modules if m.startswith('pilot.learners')]; "
             "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_reproduction_configs_load_and_comments_are_ignored():
+    folder = Path(__file__).resolve().parents[1] / "exps" / "reproduce"
+    paths = sorted(folder.glob("*/*.json"))
+    assert {path.parent.name for path in paths} == {"pilot", "official"}
+    for path in paths:
+        raw = json.loads(path.read_text())
+        assert raw["_comment"], f"{path} says where its settings come from"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = load_config(path)
+        assert "_comment" not in config.to_flat_dict()
+        assert config.experiment.preprocess == path.parent.name

@@ -1,7 +1,7 @@
 """The learner interface: what one continual-learning method adds to the shared task loop."""
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -15,8 +15,10 @@ from pilot.errors import PilotError
 class Learner:
     """One method. The loop (``pilot.engine``) calls, for each task in order:
 
-    ``fit(task)`` to learn the task's classes from ``task.train``; then ``predict(split)`` on the
-    test images of every task seen so far; then ``state_dict()`` for the checkpoint. On resume a new
+    ``fit(task)`` to learn the task's classes from ``task.train``; then ``predict_tasks`` (by default
+    ``predict(split)`` per split) on the test images of every task seen so far, and
+    ``evaluation_report()`` for what the method reports of that evaluation; then ``state_dict()`` for
+    the checkpoint. On resume a new
     instance gets ``load_state_dict`` instead of the earlier ``fit`` calls.
 
     ``ctx`` gives the backbone, the protocol's facts, device, loaders, the frozen feature store and
@@ -25,6 +27,10 @@ class Learner:
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[LearnerConfig]] = LearnerConfig
+    # The method's reference transforms (families of pilot.data.transforms): PILOT's, used with
+    # ``preprocess: "pilot"``, and its official repository's, with ``"official"`` (None: not recorded).
+    pilot_variant: ClassVar[str] = "default"
+    official_variant: ClassVar[Optional[str]] = None
 
     def __init__(self, config: LearnerConfig, ctx: RunContext):
         self.config = config
@@ -40,6 +46,20 @@ class Learner:
     def predict(self, split: Split) -> torch.Tensor:
         """Logits ``[len(split), classes seen]`` (CPU); the argmax is the prediction."""
         raise NotImplementedError
+
+    def predict_tasks(self, splits: list[Split]) -> list[torch.Tensor]:
+        """Logits for each seen task's test split; a method whose predictions depend on the test batches
+        (PILOT's batch-wise prompts) overrides this to see them together, in PILOT's order."""
+        return [self.predict(split) for split in splits]
+
+    def evaluation_report(self) -> dict[str, Any]:
+        """Diagnostics of the last ``predict_tasks`` (logged, and recorded with the task's metrics)."""
+        return {}
+
+    @property
+    def batch_dependent_evaluation(self) -> bool:
+        """True where predictions depend on how test images are batched (recorded in results.json)."""
+        return False
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue after the last fitted task."""

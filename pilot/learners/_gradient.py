@@ -25,7 +25,10 @@ from pilot.errors import PilotError
 from pilot.learners._base import Learner
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("constant", "cosine", "steplr")
+# "cosine" is PILOT's key, which means what it meant in PILOT for each method (a learner's
+# ``cosine_schedule``): torch's CosineAnnealingLR, or CODA-Prompt's own schedule; either is also
+# named outright, so a run can switch one for the other.
+SCHEDULERS = ("constant", "cosine", "steplr", "cosine_annealing", "coda_cosine")
 
 
 @dataclass
@@ -73,10 +76,21 @@ def make_optimizer(parameters: list[nn.Parameter] | list[dict], config: TrainCon
     return torch.optim.Adam(parameters, lr=lr, betas=(0.9, 0.999), weight_decay=config.weight_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
-    """Stepped once per epoch, as PILOT does."""
-    if config.scheduler == "cosine":
+def coda_cosine_factor(epoch: int, epochs: int) -> float:
+    """CODA-Prompt's ``CosineSchedule`` (official and PILOT's): epoch e >= 1 trains at
+    lr * cos(99 pi (e - 1) / (200 (K - 1))) and epoch 0 at lr, so the last epoch ends near lr / 30."""
+    if epoch == 0 or epochs < 2:
+        return 1.0
+    return math.cos(99 * math.pi * (epoch - 1) / (200 * (epochs - 1)))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, cosine: str = "cosine_annealing"):
+    """Stepped once per epoch, as PILOT does; ``cosine`` is what the key "cosine" means for the method."""
+    kind = cosine if config.scheduler == "cosine" else config.scheduler
+    if kind == "cosine_annealing":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.tuned_epoch, 1), eta_min=config.min_lr)
+    if kind == "coda_cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: coda_cosine_factor(epoch, config.tuned_epoch))
     if config.scheduler == "steplr":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=config.milestones, gamma=config.lr_decay)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
@@ -116,6 +130,8 @@ class GradientLearner(Learner):
 
     config_class = TrainConfig
     mask_old_classes = True  # train on logits of the current task's classes only
+    cosine_schedule = "cosine_annealing"  # what PILOT's scheduler "cosine" means for the method
+    drop_last = False  # drop each epoch's last, smaller batch (CODA-Prompt's loader does)
 
     def __init__(self, config: TrainConfig, ctx):
         super().__init__(config, ctx)
@@ -180,8 +196,8 @@ class GradientLearner(Learner):
     def train_epochs(self, task: Task, parameters: list[nn.Parameter]) -> None:
         config, ctx = self.config, self.ctx
         optimizer = make_optimizer(self.param_groups(parameters), config)  # one per task: PILOT's reinit_optimizer
-        scheduler = make_scheduler(optimizer, config)
-        loader = ctx.train_loader(task.train, config.batch_size, self.train_transform())
+        scheduler = make_scheduler(optimizer, config, self.cosine_schedule)
+        loader = ctx.train_loader(task.train, config.batch_size, self.train_transform(), drop_last=self.drop_last)
         self.set_train_mode(True)
         for epoch in range(config.tuned_epoch):
             self.begin_epoch(task, epoch)
@@ -202,13 +218,18 @@ class GradientLearner(Learner):
         self.after_step(task)
         return loss
 
+    @property
+    def test_batch_size(self) -> Optional[int]:
+        """Batch size of evaluation where it changes predictions; None: the run's eval_batch_size."""
+        return None
+
     def predict(self, split: Split) -> torch.Tensor:
         self.set_train_mode(False)
         queries = self.eval_queries(split)
         if queries is None:
-            logits = self.ctx.encode(lambda images: self.eval_logits(images, None), split)
+            logits = self.ctx.encode(lambda images: self.eval_logits(images, None), split, batch_size=self.test_batch_size)
         else:
-            logits = self.ctx.encode(self.eval_logits, split, extra=queries)
+            logits = self.ctx.encode(self.eval_logits, split, extra=queries, batch_size=self.test_batch_size)
         return logits[:, : self.num_seen]
 
     def state_dict(self):

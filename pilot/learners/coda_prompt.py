@@ -1,7 +1,10 @@
 """CODA-Prompt (Smith et al., CVPR 2023): each image's prompt is a sum of learnable components
 weighted by cosine(query * attention vector, key); each task adds a slice of components (earlier
-slices frozen), initialised orthogonal to the old ones; prefixes in blocks 0-4.
-Defaults: PILOT's exps/coda_prompt.json (prompt_param [100, 8, 0.0])."""
+slices frozen), initialised orthogonal to the old ones; prefixes in blocks 0-4. As the official
+code and PILOT: ``scheduler: "cosine"`` is CODA's own CosineSchedule (``coda_cosine``; torch's
+CosineAnnealingLR is ``cosine_annealing``), the train loader drops its last partial batch, and
+PILOT's transforms are its CODA branch. Defaults: PILOT's exps/coda_prompt.json (prompt_param
+[100, 8, 0.0])."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -31,6 +34,10 @@ class CodaPromptConfig(TrainConfig):
 @register_learner("coda_prompt")
 class CodaPromptLearner(PromptLearner):
     config_class = CodaPromptConfig
+    pilot_variant = official_variant = "coda_prompt"  # PILOT copies the official transforms
+    cosine_schedule = "coda_cosine"  # PILOT's and the official CosineSchedule
+    drop_last = True  # PILOT's and the official train loader
+    timm_head_init = False  # the official head is a plain nn.Linear
 
     def __init__(self, config: CodaPromptConfig, ctx):
         super().__init__(config, ctx)

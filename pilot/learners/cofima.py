@@ -7,7 +7,9 @@ model's diagonal Fisher information (``pilot.modules.merge.fisher_merge``; plain
 PILOT's models/cofima.py): train; Fisher of the trained model on the task's training loader
 (augmented, train mode, cross-entropy over all seen classes); merge backbone and heads; class
 statistics with the merged backbone; classifier alignment starting from the merged heads. The
-next task trains from the merged backbone and the trained (unmerged, unaligned) heads.
+next task trains from the merged backbone and the trained (unmerged, unaligned) heads. The new
+task's head comes out of the merge as its capped Fisher times its trained weights, about zero,
+and alignment relearns it (the official code and PILOT); ``new_head: "trained"`` keeps it.
 
 Deliberate departure: the official Fisher of old heads is the square of whatever stale ``.grad``
 they hold (they are frozen, and only the optimiser's own parameters are zeroed); here every seen
@@ -30,6 +32,7 @@ from pilot.modules.heads import classify
 from pilot.modules.merge import diagonal_fisher, fisher_merge, interpolate
 
 Weights = dict[str, torch.Tensor]
+NEW_HEAD_RULES = ("fisher_scaled", "trained")
 
 
 @dataclass
@@ -40,6 +43,9 @@ class CoFiMAConfig(SLCAConfig):
     wt_lambda: float = 0.4
     # Ceiling on each Fisher entry (the official module constant fishermax).
     fishermax: float = 1e-4
+    # The new task's head after a Fisher merge: "fisher_scaled" = capped Fisher x trained head, about 0,
+    # which alignment then relearns (the official code and PILOT); "trained" keeps the trained head.
+    new_head: str = "fisher_scaled"
 
 
 @register_learner("cofima")
@@ -56,6 +62,8 @@ class CoFiMA(SLCA):
         super().validate_config(config)
         if not 0 <= config.wt_lambda <= 1 or config.fishermax <= 0:
             raise PilotError("wt_lambda must lie in [0, 1] and fishermax must be > 0.")
+        if config.new_head not in NEW_HEAD_RULES:
+            raise PilotError(f"new_head must be one of {', '.join(NEW_HEAD_RULES)}, got '{config.new_head}'.")
 
     def model(self, heads: nn.ModuleList) -> nn.ModuleDict:
         """The backbone with ``heads``: the network CoFiMA estimates Fisher on and merges (a view, no copy)."""
@@ -94,7 +102,7 @@ class CoFiMA(SLCA):
 
     @torch.no_grad()
     def merge_with_previous(self, fisher: Optional[Weights]) -> None:
-        """Backbone and aligned heads <- merge(previous final model, trained model); the new head is kept."""
+        """Backbone and aligned heads <- merge(previous final model, trained model); the new head by ``new_head``."""
         current = dict(self.model(self.seen_heads(self.net["aligned_heads"])).named_parameters())
         trained = {name: p.detach() for name, p in current.items()}
         if fisher is None:
@@ -102,7 +110,8 @@ class CoFiMA(SLCA):
             merged = {**trained, **interpolate(self.previous_weights, shared, self.config.wt_lambda)}
         else:
             merged = fisher_merge(self.previous_weights, self.previous_fisher, trained, fisher,
-                                  weight_b=self.config.wt_lambda, fisher_max=self.config.fishermax)
+                                  weight_b=self.config.wt_lambda, fisher_max=self.config.fishermax,
+                                  new_tensors="copy" if self.config.new_head == "trained" else "fisher_scaled")
         for name, parameter in current.items():
             parameter.copy_(merged[name])
 

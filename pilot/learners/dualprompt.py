@@ -6,17 +6,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pilot.errors import PilotError, config_values
 from pilot.learners import register_learner
-from pilot.learners._gradient import TrainConfig, validate_train_config
-from pilot.learners._prompt import PromptLearner, check_blocks
+from pilot.learners._prompt import PoolPromptConfig, PoolPromptLearner, check_blocks
 from pilot.modules.prompting import GeneralPrompt, PromptPool, prefixes_for_blocks, pull_loss
 
 
 @dataclass
-class DualPromptConfig(TrainConfig):
+class DualPromptConfig(PoolPromptConfig):
     tuned_epoch: int = 5
     init_lr: float = 0.001
     batch_size: int = 24
@@ -40,8 +40,9 @@ class DualPromptConfig(TrainConfig):
 
 
 @register_learner("dualprompt")
-class DualPrompt(PromptLearner):
+class DualPrompt(PoolPromptLearner):
     config_class = DualPromptConfig
+    official_variant = "default"  # the official build_transform is PILOT's
 
     def __init__(self, config: DualPromptConfig, ctx):
         super().__init__(config, ctx)
@@ -61,7 +62,7 @@ class DualPrompt(PromptLearner):
 
     @classmethod
     def validate_config(cls, config: DualPromptConfig) -> None:
-        validate_train_config(config)
+        super().validate_config(config)
         if set(config.g_prompt_layer_idx) & set(config.e_prompt_layer_idx):
             raise PilotError("g_prompt_layer_idx and e_prompt_layer_idx must not share blocks.")
         if config.top_k != 1:
@@ -79,7 +80,7 @@ class DualPrompt(PromptLearner):
     def prompted_outputs(self, images, query, task):
         batch = images.shape[0]
         force = None if task is None else torch.full((batch,), task.index, device=images.device)
-        selection = self.net["e_pool"].select(query, force_index=force)
+        selection = self.select(self.net["e_pool"], query, task, force_index=force)
         prefixes = {**prefixes_for_blocks(self.net["g_prompt"](batch), self.config.g_prompt_layer_idx),
                     **prefixes_for_blocks(selection.prompts, self.config.e_prompt_layer_idx)}
         with self.prompts.use(prefixes=prefixes):
@@ -89,3 +90,9 @@ class DualPrompt(PromptLearner):
         if self.config.pull_constraint:
             extra = self.config.pull_constraint_coeff * pull_loss(selection.selected_similarity)
         return logits, extra
+
+    def choice_report(self, choices, labels):
+        """Task identification: the share (%) of test images whose E-prompt is their own task's."""
+        starts = [classes.start for classes in self.ctx.protocol.task_classes]
+        own_task = torch.as_tensor(np.searchsorted(starts, labels, side="right") - 1)
+        return {"task_identification_accuracy": 100.0 * float((choices[:, 0] == own_task).double().mean())}

@@ -1,6 +1,7 @@
 """L2P (Wang et al., CVPR 2022): a pool of prompts with learnable keys; each image picks the top-k
 prompts whose keys best match its query and prepends them to its patch tokens; the head reads
-the mean of the prompt tokens' outputs. Defaults: PILOT's exps/l2p.json and the official code."""
+the mean of the prompt tokens' outputs; each prompt token carries the [CLS] token's position
+embedding, as the official code's. Defaults: PILOT's exps/l2p.json and the official code."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,13 +10,12 @@ import torch
 
 from pilot.errors import PilotError, config_values
 from pilot.learners import register_learner
-from pilot.learners._gradient import TrainConfig, validate_train_config
-from pilot.learners._prompt import PromptLearner
+from pilot.learners._prompt import PoolPromptConfig, PoolPromptLearner
 from pilot.modules.prompting import PromptPool, pull_loss
 
 
 @dataclass
-class L2PConfig(TrainConfig):
+class L2PConfig(PoolPromptConfig):
     tuned_epoch: int = 5
     init_lr: float = 0.001875  # 0.03 x batch 16 / 256
     batch_size: int = 16
@@ -30,11 +30,15 @@ class L2PConfig(TrainConfig):
     prompt_key_init: str = "uniform"
     pull_constraint: bool = True
     pull_constraint_coeff: float = 0.1
+    # Position embedding of the prompt tokens: "cls" adds the [CLS] token's to each (the official code
+    # and PILOT, through their resize_pos_embed); "none" adds nothing.
+    prompt_position: str = "cls"
 
 
 @register_learner("l2p")
-class L2P(PromptLearner):
+class L2P(PoolPromptLearner):
     config_class = L2PConfig
+    official_variant = "default"  # the official build_transform is PILOT's
 
     def __init__(self, config: L2PConfig, ctx):
         super().__init__(config, ctx)
@@ -45,13 +49,17 @@ class L2P(PromptLearner):
 
     @classmethod
     def validate_config(cls, config: L2PConfig) -> None:
-        validate_train_config(config)
+        super().validate_config(config)
         if not 1 <= config.top_k <= config.size:
             raise PilotError(f"top_k ({config.top_k}) must be between 1 and the pool size ({config.size}).")
+        if config.prompt_position not in ("cls", "none"):
+            raise PilotError(f"prompt_position must be 'cls' or 'none', got '{config.prompt_position}'.")
 
     def prompted_outputs(self, images, query, task):
-        selection = self.net["pool"].select(query)
+        selection = self.select(self.net["pool"], query, task)
         tokens = selection.prompts[:, 0]  # [B, top_k * length, D]: one layer, prompt tuning
+        if self.config.prompt_position == "cls":
+            tokens = tokens + self.prompts.class_position()
         with self.prompts.use(prompt_tokens=tokens):
             features = self.vit.forward_features(images)
         prompt_outputs = features[:, self.prompts.prompt_slice(tokens.shape[1])].mean(1)
@@ -60,3 +68,7 @@ class L2P(PromptLearner):
         if self.config.pull_constraint:
             extra = self.config.pull_constraint_coeff * pull_loss(selection.selected_similarity)
         return logits, extra
+
+    def choice_report(self, choices, labels):
+        """How often each pool entry was used over the seen tasks' test images."""
+        return {"prompt_usage": torch.bincount(choices.flatten(), minlength=self.config.size).tolist()}

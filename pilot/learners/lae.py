@@ -55,6 +55,7 @@ class LAEConfig(TrainConfig):
 @register_learner("lae")
 class LAE(GradientLearner):
     config_class = LAEConfig
+    official_variant = "lae"
 
     def __init__(self, config: LAEConfig, ctx):
         super().__init__(config, ctx)

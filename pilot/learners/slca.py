@@ -54,6 +54,7 @@ class SLCAConfig(TrainConfig):
 @register_learner("slca")
 class SLCA(GradientLearner):
     config_class = SLCAConfig
+    official_variant = "slca"  # ColorJitter, bicubic crops, CIFAR-100 mean/std (also CoFiMA's)
 
     def __init__(self, config: SLCAConfig, ctx):
         super().__init__(config, ctx)

@@ -104,7 +104,8 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[Any],
 
 
 def fisher_merge(params_a: Weights, fisher_a: Weights, params_b: Weights, fisher_b: Weights,
-                 weight_b: float = 0.4, fisher_max: float | None = 1e-4) -> dict[str, torch.Tensor]:
+                 weight_b: float = 0.4, fisher_max: float | None = 1e-4,
+                 new_tensors: str = "copy") -> dict[str, torch.Tensor]:
     """CoFiMA's Fisher-weighted merge of model A (previous) and model B (current task).
 
     ``theta = ((1-l) Fa theta_a + l Fb theta_b) / ((1-l) Fa + l Fb)`` with ``l = weight_b``
@@ -112,12 +113,14 @@ def fisher_merge(params_a: Weights, fisher_a: Weights, params_b: Weights, fisher
     ``fisher_max`` (CoFiMA's ``fishermax = 1e-4`` applied with ``torch.min`` in ``getFisherDiagonal``:
     a ceiling, not a floor), which bounds how much one model can dominate an entry.
 
-    Two deliberate departures where the official code misbehaves: an entry whose weighted Fisher
-    sum is zero (e.g. a frozen parameter, zero gradient in both) takes the plain average
-    ``(1-l) theta_a + l theta_b`` instead of NaN; and a tensor only in ``params_b`` (a new head)
-    is copied from B, where the official Fisher branch returns ``Fb * theta_b``.
+    An entry whose weighted Fisher sum is zero (e.g. a frozen parameter, zero gradient in both)
+    takes the plain average ``(1-l) theta_a + l theta_b`` instead of the official NaN. A tensor
+    only in ``params_b`` (a new head) is copied from B (``new_tensors="copy"``), or becomes
+    ``Fb * theta_b`` with Fb capped (``"fisher_scaled"``, the official Fisher branch: about zero).
     """
     _check_weight(weight_b, "weight_b")
+    if new_tensors not in ("copy", "fisher_scaled"):
+        raise ValueError(f"new_tensors must be 'copy' or 'fisher_scaled', got {new_tensors!r}")
     if fisher_max is not None and fisher_max <= 0:
         raise ValueError(f"fisher_max must be positive or None, got {fisher_max}")
     shared_b = {name: params_b[name] for name in params_a if name in params_b}
@@ -133,7 +136,10 @@ def fisher_merge(params_a: Weights, fisher_a: Weights, params_b: Weights, fisher
         fisher_average = (weighted_a * theta_a + weighted_b * theta_b) / total
         plain_average = torch.lerp(theta_a, theta_b, weight_b)
         merged[name] = torch.where(total > 0, fisher_average, plain_average)
-    merged.update({name: tensor.clone() for name, tensor in params_b.items() if name not in params_a})
+    for name, theta_b in params_b.items():
+        if name not in params_a:
+            scaled = new_tensors == "fisher_scaled"
+            merged[name] = theta_b * _capped(fisher_b[name].to(theta_b), fisher_max) if scaled else theta_b.clone()
     return merged
 
 

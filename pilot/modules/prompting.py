@@ -128,6 +128,14 @@ class PromptedViT:
         """Class and register tokens in front of the prompt tokens."""
         return getattr(self.vit, "num_prefix_tokens", 1)
 
+    def class_position(self) -> torch.Tensor:
+        """The [CLS] token's position embedding [1, 1, D] (zeros where the ViT gives its class token none):
+        what the official L2P code adds to every prompt token (its ``resize_pos_embed``)."""
+        vit = self.vit
+        if getattr(vit, "no_embed_class", False) or not getattr(vit, "has_class_token", True):
+            return torch.zeros(1, 1, vit.embed_dim, device=vit.pos_embed.device, dtype=vit.pos_embed.dtype)
+        return vit.pos_embed[:, :1]
+
     def prompt_slice(self, length: int) -> slice:
         """Positions of ``length`` prompt tokens in the output of ``forward_features`` (1..1+L for a stock ViT)."""
         return slice(self.num_prefix_tokens, self.num_prefix_tokens + length)
@@ -260,18 +268,21 @@ class PromptPool(nn.Module):
         return self.keys.shape[0]
 
     def select(self, query: torch.Tensor, force_index: torch.Tensor | None = None,
-               allowed: torch.Tensor | Sequence[int] | None = None) -> PoolSelection:
+               allowed: torch.Tensor | Sequence[int] | None = None, batchwise: bool = False) -> PoolSelection:
         """Top-k entries per sample by cosine similarity between ``query`` [B, D] and the keys.
 
         ``force_index`` ([B] or [B, top_k]) picks the entries instead (DualPrompt trains task t's E-prompt),
         overriding ``allowed``, which restricts the top-k search to these pool indices. Each sample gets its
-        own entries: there is no batch-wise majority vote.
+        own entries unless ``batchwise`` (PILOT's and the official ``batchwise_prompt``): then every sample
+        gets the ``top_k`` entries chosen most often in the batch (see ``majority_entries``).
         """
         if query.dim() != 2 or query.shape[1] != self.keys.shape[1]:
             raise ValueError(f"query must be [batch, {self.keys.shape[1]}], got {list(query.shape)}")
         similarity = F.normalize(query, dim=-1) @ F.normalize(self.keys, dim=-1).T
         if force_index is None:
             indices = self._top_k(similarity, allowed)
+            if batchwise:
+                indices = majority_entries(indices, self.pool_size).expand(query.shape[0], -1)
         else:
             indices = self._forced(force_index, query.shape[0])
         prompts = self.prompts[indices].movedim(1, -3).flatten(-3, -2)  # top_k entries joined along the length
@@ -296,6 +307,22 @@ class PromptPool(nn.Module):
         if indices.min() < 0 or indices.max() >= self.pool_size:
             raise ValueError(f"force_index must lie in 0..{self.pool_size - 1}")
         return indices
+
+
+def majority_entries(indices: torch.Tensor, pool_size: int) -> torch.Tensor:
+    """The ``top_k`` pool entries chosen most often over a batch's per-sample choices ``indices`` [B, top_k].
+
+    The official L2P/DualPrompt code (and PILOT's copy): unique ids with their counts, padded to the pool
+    size with count 0, then the top-k counts; ties fall as ``torch.topk`` orders them, as there.
+    """
+    top_k = indices.shape[1]
+    ids, counts = torch.unique(indices, return_counts=True, sorted=True)
+    if ids.shape[0] < pool_size:
+        padding = pool_size - ids.shape[0]
+        ids = torch.cat([ids, torch.full((padding,), int(indices.min()), device=ids.device, dtype=ids.dtype)])
+        counts = torch.cat([counts, torch.zeros(padding, device=counts.device, dtype=counts.dtype)])
+    _, major = torch.topk(counts, k=top_k)
+    return ids[major].unsqueeze(0)
 
 
 def pull_loss(selected_similarity: torch.Tensor) -> torch.Tensor:
