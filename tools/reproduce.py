@@ -41,7 +41,7 @@ ABLATIONS = {
     "input normalisation": (["l2p", "dualprompt"], {"preprocess": "pilot"}),
     "batch-wise vote": (["l2p", "dualprompt"], {"batchwise_prompt": True}),
     "no gradient clipping": (["l2p", "dualprompt"], {"clip_grad": 0.0}),
-    "no prompt position embedding": (["l2p"], {"prompt_position": "none"}),
+    "prompt position embedding": (["l2p"], {"prompt_position": "cls"}),
     "torch's cosine annealing": (["coda_prompt"], {"scheduler": "cosine_annealing"}),
     "trained new head after merge": (["cofima"], {"new_head": "trained"}),
 }
