@@ -35,6 +35,8 @@ IGNORED_PILOT_KEYS = frozenset({
     "shared_prompt_key", "shared_prompt_pool",
     # L2P and DualPrompt honour it (off by default); other learners choose no prompts from a pool.
     "batchwise_prompt",
+    # MOS's config lists the choices of ca_storage_efficient_method beside the key; pilot checks the value.
+    "ca_storage_efficient_method_choices",
 })
 
 # PILOT's learners name one setting differently (SLCA: epochs, lrate, lrate_decay): each alias is
@@ -173,7 +175,7 @@ def canonical_keys(values: dict[str, Any], fields: set[str], source: str) -> dic
     """
     renamed = dict(values)
     for alias, name in PILOT_KEY_ALIASES.items():
-        if alias not in renamed or name not in fields:
+        if alias not in renamed or name not in fields or alias in fields:  # a learner may use both names itself
             continue
         value = renamed.pop(alias)
         if name in renamed and renamed[name] != value:

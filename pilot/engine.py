@@ -223,6 +223,7 @@ class Run:
             "config": self.config.to_flat_dict(),
             "ignored_keys": self.config.ignored_keys,
             "batch_dependent_evaluation": self.learner.batch_dependent_evaluation,
+            "continual": self.learner.continual,
             "seed": self.seed,
             "versions": versions(),
             "device": str(self.device),

@@ -5,7 +5,7 @@ import timm
 import torch
 from torch import nn
 
-from pilot.modules.adapters import Adapter, attach_adapters, attach_ssf, freeze
+from pilot.modules.adapters import Adapter, attach_adapters, attach_ssf, attach_visual_prompts, freeze
 
 
 def tiny_vit() -> nn.Module:
@@ -161,3 +161,37 @@ def test_non_vit_is_rejected() -> None:
         attach_adapters(nn.Linear(3, 3))
     with pytest.raises(ValueError, match="bottleneck"):
         attach_adapters(tiny_vit(), bottleneck=0)
+
+
+def vpt_by_hand(vit: nn.Module, images: torch.Tensor, prompts: list[torch.Tensor], deep: bool) -> torch.Tensor:
+    """APER's VPT forward written out: prompts appended after the patch tokens; deep: fresh ones per block."""
+    x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
+    length = prompts[0].shape[0]
+    if deep:
+        for block, tokens in zip(vit.blocks, prompts):
+            x = block(torch.cat([x, tokens.expand(len(x), -1, -1)], dim=1))[:, :-length]
+    else:
+        x = torch.cat([x, prompts[0].expand(len(x), -1, -1)], dim=1)
+        for block in vit.blocks:
+            x = block(x)
+        x = x[:, :-length]
+    return vit.forward_head(vit.norm(x), pre_logits=True)
+
+
+@pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
+def test_visual_prompts_follow_apers_vpt_forward(images: torch.Tensor, deep: bool) -> None:
+    vit = tiny_vit()
+    stock = vit(images)
+    prompts = attach_visual_prompts(vit, length=3, deep=deep)
+    assert all(torch.equal(p, torch.zeros_like(p)) for p in prompts.parameters())  # APER's zero init
+    assert len(list(prompts.parameters())) == (len(vit.blocks) if deep else 1)
+    randomize(prompts)
+    with torch.no_grad():
+        with prompts.disabled():  # the hand-written forward calls the same blocks
+            expected = vpt_by_hand(vit, images, [unit.tokens for unit in prompts.units], deep)
+        torch.testing.assert_close(vit(images), expected)
+        assert not torch.allclose(vit(images), stock)
+        with prompts.disabled():
+            torch.testing.assert_close(vit(images), stock)
+        prompts.remove()
+        torch.testing.assert_close(vit(images), stock)

@@ -52,7 +52,7 @@ def test_end_to_end_adapts_once_and_keeps_the_vit_frozen(finished_run):
     run, result = finished_run
     assert result["status"] == "complete" and len(result["accuracy_curve"]) == 4
     assert result["last_accuracy"] > 50  # 10 classes: chance is 10%
-    assert list(run.learner.net) == ["adapters"]
+    assert list(run.learner.net) == ["adaptation"]
     assert not any(p.requires_grad for p in run.ctx.backbone.parameters())
     assert not any(p.requires_grad for p in run.learner.net.parameters())
 
@@ -86,3 +86,41 @@ def test_on_real_weights_and_data(tmp_path):
     assert result["timings"]["encoded_images"] == 2 * 20 * (2 + 2)
     # 10-way and 20-way chance are 10% and 5%
     assert result["accuracy_curve"][0] > 35 and result["accuracy_curve"][1] > 30
+
+
+APER_VARIANTS = {
+    "ssf": {"model_name": "aper_ssf"},
+    "vpt_deep": {"model_name": "aper_vpt", "vpt_type": "deep"},
+    "vpt_shallow": {"model_name": "aper_vpt", "vpt_type": "shallow", "prompt_token_num": 2},
+    "finetune": {"model_name": "aper_finetune", "batch_size": 8},
+}
+
+
+@pytest.mark.parametrize("variant", list(APER_VARIANTS))
+def test_aper_variants_train_only_their_own_parameters(tmp_path, variant):
+    run = Run(aper_config(tmp_path, **APER_VARIANTS[variant]))
+    learner = run.learner
+    vit_before = {k: v.clone() for k, v in run.ctx.backbone.state_dict().items()}
+    own_before = {k: v.clone() for k, v in learner.net["adaptation"].state_dict().items()}
+    learner.fit(run.stream.tasks[0])
+    assert all(torch.equal(v, run.ctx.backbone.state_dict()[k]) for k, v in vit_before.items()), \
+        "the pretrained ViT must stay as loaded"
+    own_after = learner.net["adaptation"].state_dict()
+    moved = [k for k, v in own_before.items() if not torch.equal(v, own_after[k])]
+    if variant == "finetune":  # the adapted branch is a whole trained copy of the ViT
+        assert set(own_after) == set(vit_before) and len(moved) == len(own_after)
+    else:  # only the adaptation's own tensors exist in it, and they trained
+        assert not set(own_after) & set(vit_before) and moved
+    assert list(learner.net) == ["adaptation"] and not any(p.requires_grad for p in learner.net.parameters())
+    # the pretrained branch is the stock ViT, the adapted branch differs from it
+    split = run.stream.tasks[0].test
+    assert not torch.allclose(learner.adapted_features(split), run.ctx.features(split))
+
+
+@pytest.mark.parametrize("variant", ["ssf", "vpt_deep", "finetune"])
+def test_aper_variants_resume_after_a_kill(tmp_path, variant):
+    from conftest import assert_resume_matches_uninterrupted
+
+    uninterrupted, _ = assert_resume_matches_uninterrupted(
+        lambda folder: aper_config(tmp_path / folder, **APER_VARIANTS[variant]))
+    assert uninterrupted["last_accuracy"] > 50  # 10 classes: chance is 10%

@@ -185,3 +185,24 @@ def test_reproduction_configs_load_and_comments_are_ignored():
             config = load_config(path)
         assert "_comment" not in config.to_flat_dict()
         assert config.experiment.preprocess == path.parent.name
+
+
+PILOT_METHOD_CONFIGS = ["ease", "mos", "fecam", "aper_ssf", "aper_vpt_deep", "aper_vpt_shallow", "finetune",
+                        "aper_finetune"]
+
+
+@pytest.mark.parametrize("name", PILOT_METHOD_CONFIGS)
+def test_pilots_method_configs_load_unchanged(name):
+    """exps/<name>.json are PILOT's files as they are: every key lands, only meaningless ones are warned about."""
+    path = Path(__file__).resolve().parents[1] / "exps" / f"{name}.json"
+    raw = json.loads(path.read_text())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = load_config(path)
+    messages = [str(w.message) for w in caught]
+    assert all(m.startswith("Ignoring PILOT config keys") or "does not decay" in m for m in messages), messages
+    learner = config.learner.__dict__
+    assert config.experiment.model_name == raw["model_name"]
+    for key, value in raw.items():
+        if key in learner:
+            assert learner[key] == value, key

@@ -61,7 +61,7 @@ def test_each_image_is_encoded_once(finished_run):
     images = sum(len(task.train) + len(task.test) for task in run.stream.tasks)
     # Adapted: only the adapted store encodes (the frozen one is never asked); else only the frozen one.
     assert result["timings"]["encoded_images"] == images
-    assert run.ctx.features.encoded_images == (0 if run.learner.has_adapters else images)
+    assert run.ctx.features.encoded_images == (0 if run.learner.has_adaptation else images)
 
 
 def test_lambda_is_selected_on_the_current_tasks_split(tmp_path, monkeypatch):
@@ -90,11 +90,11 @@ def test_adapts_on_the_first_task_only_and_keeps_the_vit_frozen(tmp_path):
     learner, tasks = run.learner, run.stream.tasks
     vit_before = {k: v.clone() for k, v in run.ctx.backbone.state_dict().items()}
     learner.fit(tasks[0])
-    adapted = {k: v.clone() for k, v in learner.net["adapters"].state_dict().items()}
+    adapted = {k: v.clone() for k, v in learner.net["adaptation"].state_dict().items()}
     assert any(v.abs().sum() > 0 for k, v in adapted.items() if ".up." in k), "adapters did not train"
-    assert list(learner.net) == ["adapters"], "the temporary head must not outlive the first task"
+    assert list(learner.net) == ["adaptation"], "the temporary head must not outlive the first task"
     learner.fit(tasks[1])
-    assert all(torch.equal(v, learner.net["adapters"].state_dict()[k]) for k, v in adapted.items())
+    assert all(torch.equal(v, learner.net["adaptation"].state_dict()[k]) for k, v in adapted.items())
     assert all(torch.equal(v, run.ctx.backbone.state_dict()[k]) for k, v in vit_before.items())
     assert not any(p.requires_grad for p in run.ctx.backbone.parameters())
     assert not any(p.requires_grad for p in learner.net.parameters())

@@ -35,3 +35,20 @@ def test_backbone_matches_timm_loading_the_file(real_config):
     with torch.no_grad():
         torch.testing.assert_close(run.ctx.backbone.eval()(images), reference(images))
     assert run.ctx.backbone.data_config.mean == (0.485, 0.456, 0.406)
+
+
+@pytest.mark.parametrize("learner, settings", [
+    ("ease", {"init_epochs": 1}), ("mos", {"tuned_epoch": 1, "crct_epochs": 2}), ("fecam", {"tuned_epoch": 1}),
+    ("aper_vpt", {"tuned_epoch": 1}), ("finetune", {"init_epoch": 1, "epochs": 1}),
+], ids=["ease", "mos", "fecam", "aper_vpt", "finetune"])
+def test_new_learners_on_real_weights_and_data(tmp_path, learner, settings):
+    """Real weights and images through each method's training, statistics and prediction (P1 measures accuracy)."""
+    from pilot.configure import build_config
+
+    config = build_config(real_raw(tmp_path, model_name=learner, train_per_class=3, test_per_class=2, max_tasks=2,
+                                   batch_size=6, **settings))
+    (result,) = run_experiment(config)
+    assert result["status"] == "complete" and len(result["accuracy_curve"]) == 2
+    if learner != "finetune":  # its 5 SGD steps at lr 1e-3 leave PILOT's freshly initialised head near chance
+        # 10-way and 20-way chance are 10% and 5%
+        assert result["accuracy_curve"][0] > 30 and result["accuracy_curve"][1] > 25

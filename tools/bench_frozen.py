@@ -4,7 +4,10 @@ Reference protocol P0 (README): cifar224, B0 Inc10, seed 1993, DeiT-Tiny, first 
 first 10 test images per class. Learners: ``simplecil``, ``ranpac`` (no adaptation, M = 10000),
 ``aper_adapter`` (adapters trained 1 epoch on the first task; its two branches, pretrained and
 adapted, each encode every image once, so its bare cost is two passes per image, and the
-adaptation's training time, logged by the learner, is reported apart).
+adaptation's training time, logged by the learner, is reported apart), ``fecam`` (the same
+adaptation, one branch), and ``ease`` (an adapter trained 1 epoch per task; each image is encoded
+once per subspace that needs it, so its bare cost is one pass per encoding the run reports, and
+its adapters' training, logged per task, is reported apart). ``--tasks`` stops the stream early.
 Both measurements run in this one process, back to back:
 
 - bare: every image of the protocol (3,000) loaded, eval-transformed and passed through the
@@ -36,12 +39,14 @@ from pilot.backbones import create_backbone
 from pilot.engine import run_experiment
 
 
-LEARNER_KEYS = {"simplecil": {}, "ranpac": {"tuned_epoch": 0, "M": 10000}, "aper_adapter": {"tuned_epoch": 1}}
+LEARNER_KEYS = {"simplecil": {}, "ranpac": {"tuned_epoch": 0, "M": 10000}, "aper_adapter": {"tuned_epoch": 1},
+                "fecam": {"tuned_epoch": 1}, "ease": {"init_epochs": 1}}
 BRANCHES = {"aper_adapter": 2}  # encoder passes per image the learner needs
+PER_ENCODING = {"ease"}  # learners whose passes per image vary: the bare cost is one pass per encoding
 
 
-def protocol_config(assets: Path, log_dir: str, learner: str = "simplecil") -> dict:
-    return {
+def protocol_config(assets: Path, log_dir: str, learner: str = "simplecil", tasks: int = 0) -> dict:
+    return {"max_tasks": tasks,
         **LEARNER_KEYS[learner], "model_name": learner, "dataset": "cifar224", "data_path": str(assets), "download": False,
         "backbone_type": "deit_tiny_patch16_224", "weights_dir": str(assets), "device": ["cpu"],
         "init_cls": 10, "increment": 10, "seed": [1993], "shuffle": True,
@@ -55,7 +60,7 @@ def bare_passes(raw: dict) -> tuple[float, int]:
     config = build_config(raw).experiment
     dataset = load_dataset(config)
     stream = TaskStream(dataset, config.init_cls, config.increment, config.shuffle, config.seed[0],
-                        config.train_per_class, config.test_per_class)
+                        config.train_per_class, config.test_per_class, config.max_tasks)
     backbone = create_backbone(config.backbone_type, weights_dir=config.weights_dir).eval()
     transform = eval_transform(backbone.data_config, dataset.resize_to_model)
     splits = [s for task in stream.tasks for s in (task.train, task.test)]
@@ -76,7 +81,8 @@ def whole_run(raw: dict) -> tuple[float, dict, float]:
     (result,) = run_experiment(build_config(raw))
     seconds = time.perf_counter() - started
     log = (Path(result["run_dir"]) / "run.log").read_text()
-    other = re.findall(r"(?:selection|accumulation|solve|adapted on the first task in) ([0-9.]+)s", log)
+    other = re.findall(r"(?:selection|accumulation|solve|adapted on the first task in|trained its adapter in) "
+                       r"([0-9.]+)s", log)
     return seconds, result, sum(map(float, other))
 
 
@@ -85,16 +91,18 @@ def main() -> None:
     parser.add_argument("--assets", default="../shared/assets", help="folder with CIFAR-100 and DeiT-Tiny weights")
     parser.add_argument("--learner", choices=sorted(LEARNER_KEYS), default="simplecil")
     parser.add_argument("--rounds", type=int, default=3, help="alternate bare / whole run this many times")
+    parser.add_argument("--tasks", type=int, default=0, help="learn only the first this many tasks (0: all 10)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     torch.manual_seed(0)
     bare_times, run_times, other_times = [], [], []
     for round_index in range(args.rounds):
         with tempfile.TemporaryDirectory() as log_dir:
-            raw = protocol_config(Path(args.assets), log_dir, args.learner)
+            raw = protocol_config(Path(args.assets), log_dir, args.learner, args.tasks)
             bare_seconds, images = bare_passes(raw)
-            bare_seconds *= BRANCHES.get(args.learner, 1)
             run_seconds, result, other_seconds = whole_run(raw)
+            passes = result["timings"]["encoded_images"] / images if args.learner in PER_ENCODING else 1
+            bare_seconds *= BRANCHES.get(args.learner, passes)
         bare_times.append(bare_seconds)
         run_times.append(run_seconds)
         other_times.append(other_seconds)

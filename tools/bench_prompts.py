@@ -67,7 +67,7 @@ def bench_learner(name: str, assets: Path, batch_size: int, repeats: int) -> dic
     parameters = [p for p in learner.trainable() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=1e-3)
     learner.set_train_mode(True)
-    step = timed(lambda: learner.train_step(images, labels, task, optimizer, parameters), repeats)
+    step = timed(lambda: learner.train_step(images, labels, task, optimizer, parameters, learner.config.clip_grad), repeats)
 
     bare_handle = learner.prompts  # the same ViT and insertion mechanism, fixed prompts
     prompt_kwargs = bare_prompt_kwargs(run, len(images))

@@ -31,6 +31,8 @@ class Learner:
     # ``preprocess: "pilot"``, and its official repository's, with ``"official"`` (None: not recorded).
     pilot_variant: ClassVar[str] = "default"
     official_variant: ClassVar[Optional[str]] = None
+    # False for a reference point that keeps old tasks' data (the joint upper bound); in results.json.
+    continual: ClassVar[bool] = True
 
     def __init__(self, config: LearnerConfig, ctx: RunContext):
         self.config = config

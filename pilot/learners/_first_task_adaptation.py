@@ -1,12 +1,13 @@
 """Adapt on the first task only, then freeze: the part RanPAC and APER share.
 
-PILOT (``models/ranpac.py``, ``models/aper_adapter.py``) attaches AdaptFormer adapters to the frozen
-ViT, trains them with a temporary cosine head (``CosineLinear``: learnable scale, initial value 1)
-on the first task's classes, then freezes them. Later tasks train nothing; each learner builds its
-classifier from features of the adapted backbone, encoded once per image by a feature store.
+PILOT (``models/ranpac.py``, ``models/aper_*.py``, ``models/fecam.py``) attaches an adaptation to the
+frozen ViT (AdaptFormer adapters by default; APER's variants use SSF, VPT, or fine-tune a copy of
+the whole ViT), trains it with a temporary cosine head (``CosineLinear``: learnable scale, initial
+value 1) on the first task's classes, then freezes it. Later tasks train nothing; each learner
+builds its classifier from features of the adapted backbone, encoded once per image by a feature store.
 
-The adapters are switched on only while the adapted encoder runs, so ``ctx.features`` keeps giving
-the pretrained features of the same ViT weights (one copy of the ViT for both).
+Hooked adaptations are switched on only while the adapted encoder runs, so ``ctx.features`` keeps
+giving the pretrained features of the same ViT weights (one copy of the ViT for both).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pilot.data.stream import Split, Task
 from pilot.errors import PilotError
 from pilot.features import FeatureStore
 from pilot.learners._gradient import GradientLearner, TrainConfig, validate_train_config
-from pilot.modules.adapters import AdapterSet, attach_adapters, freeze
+from pilot.modules.adapters import attach_adapters, freeze
 from pilot.modules.heads import CosineHead
 
 
@@ -40,19 +41,19 @@ class AdaptationConfig(TrainConfig):
 
 
 class AdaptedEncoder(nn.Module):
-    """The backbone with the adapters on; ``eval()``/``train()`` reach both."""
+    """The backbone with a hooked adaptation (adapters, SSF, prompts) on; ``eval()``/``train()`` reach both."""
 
-    def __init__(self, backbone: nn.Module, adapters: AdapterSet) -> None:
+    def __init__(self, backbone: nn.Module, adaptation: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
-        self.adapters = adapters
+        self.adaptation = adaptation
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.adapters.enabled = True
+        self.adaptation.enabled = True
         try:
             return self.backbone(images)
         finally:
-            self.adapters.enabled = False
+            self.adaptation.enabled = False
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -69,6 +70,7 @@ class FirstTaskAdaptationLearner(GradientLearner):
     learns every task's classes from ``adapted_features`` (subclasses define it and ``predict``).
 
     With ``tuned_epoch`` 0 nothing is attached and ``adapted_features`` is ``ctx.features``.
+    ``adapt`` says what trains (adapters by default).
     """
 
     config_class = AdaptationConfig
@@ -80,10 +82,17 @@ class FirstTaskAdaptationLearner(GradientLearner):
         self.adapted_features: FeatureStore = ctx.features
         if config.tuned_epoch:
             freeze(ctx.backbone)
-            adapters = attach_adapters(self.require_vit(), bottleneck=config.ffn_num).to(ctx.device)
-            adapters.enabled = False
-            self.net["adapters"] = adapters  # checkpoints hold the adapters, not the ViT
-            self.encoder = AdaptedEncoder(ctx.backbone, adapters)
+            self.net["adaptation"], self.encoder = self.adapt()  # checkpoints hold the adaptation, not the ViT
+            self.net.to(ctx.device)
+
+    def adapt(self) -> tuple[nn.Module, nn.Module]:
+        """(what trains on the first task, the encoder it gives): here AdaptFormer adapters on the shared ViT."""
+        return self.hooked(attach_adapters(self.require_vit(), bottleneck=self.config.ffn_num))
+
+    def hooked(self, adaptation: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """A hooked adaptation, off except while its encoder runs."""
+        adaptation.enabled = False
+        return adaptation, AdaptedEncoder(self.ctx.backbone, adaptation)
 
     @classmethod
     def validate_config(cls, config: AdaptationConfig) -> None:
@@ -92,8 +101,8 @@ class FirstTaskAdaptationLearner(GradientLearner):
             raise PilotError(f"ffn_num (adapter bottleneck) must be at least 1, got {config.ffn_num}.")
 
     @property
-    def has_adapters(self) -> bool:
-        return "adapters" in self.net
+    def has_adaptation(self) -> bool:
+        return "adaptation" in self.net
 
     @property
     def adapting(self) -> bool:
@@ -102,7 +111,7 @@ class FirstTaskAdaptationLearner(GradientLearner):
     # --- the training template's hooks ----------------------------------------------------
 
     def begin_task(self, task: Task) -> None:
-        if task.index == 0 and self.has_adapters:
+        if task.index == 0 and self.has_adaptation:
             self.net["head"] = CosineHead(self.ctx.backbone.feature_dim, len(task.classes)).to(self.ctx.device)
             self.adaptation_started = time.perf_counter()
 
@@ -118,15 +127,15 @@ class FirstTaskAdaptationLearner(GradientLearner):
     def end_task(self, task: Task) -> None:
         if self.adapting:
             del self.net["head"]
-            self.freeze_adapters()
+            self.freeze_adaptation()
             self.ctx.log.info(f"adapted on the first task in {time.perf_counter() - self.adaptation_started:.2f}s")
         self.update_classifier(task)
 
-    def freeze_adapters(self) -> None:
+    def freeze_adaptation(self) -> None:
         """From here on the adapted backbone is fixed: its features go through a store."""
-        adapters = self.net["adapters"]
-        freeze(adapters)
-        identity = f"{self.ctx.backbone.identity}|adapters:{weights_digest(adapters)}"
+        adaptation = self.net["adaptation"]
+        freeze(adaptation)
+        identity = f"{self.ctx.backbone.identity}|{type(adaptation).__name__}:{weights_digest(adaptation)}"
         self.adapted_features = self.ctx.feature_store(self.encoder, identity)
 
     # --- what a learner defines -----------------------------------------------------------
@@ -140,5 +149,5 @@ class FirstTaskAdaptationLearner(GradientLearner):
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
-        if self.has_adapters:
-            self.freeze_adapters()
+        if self.has_adaptation:
+            self.freeze_adaptation()

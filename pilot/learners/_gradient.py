@@ -172,6 +172,15 @@ class GradientLearner(Learner):
     def train_transform(self):
         return self.ctx.train_transform()
 
+    def training_split(self, task: Task) -> Split:
+        """The images a task trains on: its own (an upper bound that replays old data returns more)."""
+        return task.train
+
+    def task_settings(self, task: Task) -> TrainConfig:
+        """The optimisation settings of ``task`` (epochs, rate, schedule); the config's for every task by default,
+        a first-task schedule for methods that have one (EASE's init_/later_, finetune's init_ keys)."""
+        return self.config
+
     def param_groups(self, parameters: list[nn.Parameter]) -> list[nn.Parameter] | list[dict]:
         """What the task's optimiser gets: the parameters, or groups with their own ``lr`` (SLCA's slow backbone)."""
         return parameters
@@ -189,32 +198,35 @@ class GradientLearner(Learner):
         self.num_seen = task.num_seen
         self.begin_task(task)
         parameters = [p for p in self.trainable() if p.requires_grad]
-        if self.config.tuned_epoch and parameters:
-            self.train_epochs(task, parameters)
+        settings = self.task_settings(task)
+        if settings.tuned_epoch and parameters:
+            self.train_epochs(task, parameters, settings)
         self.end_task(task)
 
-    def train_epochs(self, task: Task, parameters: list[nn.Parameter]) -> None:
-        config, ctx = self.config, self.ctx
+    def train_epochs(self, task: Task, parameters: list[nn.Parameter], config: TrainConfig) -> None:
+        ctx = self.ctx
         optimizer = make_optimizer(self.param_groups(parameters), config)  # one per task: PILOT's reinit_optimizer
         scheduler = make_scheduler(optimizer, config, self.cosine_schedule)
-        loader = ctx.train_loader(task.train, config.batch_size, self.train_transform(), drop_last=self.drop_last)
+        loader = ctx.train_loader(self.training_split(task), config.batch_size, self.train_transform(),
+                                  drop_last=self.drop_last)
         self.set_train_mode(True)
         for epoch in range(config.tuned_epoch):
             self.begin_epoch(task, epoch)
             progress = tqdm(loader, desc=f"task {task.index + 1} epoch {epoch + 1}/{config.tuned_epoch}",
                             disable=not ctx.experiment.progress, leave=False)
             for images, labels, _ in progress:
-                loss = self.train_step(images.to(ctx.device), labels.to(ctx.device), task, optimizer, parameters)
+                loss = self.train_step(images.to(ctx.device), labels.to(ctx.device), task, optimizer, parameters,
+                                       config.clip_grad)
                 progress.set_postfix(loss=f"{loss:.3f}")
             scheduler.step()
         self.set_train_mode(False)
 
-    def train_step(self, images, labels, task, optimizer, parameters) -> float:
+    def train_step(self, images, labels, task, optimizer, parameters, clip_grad: float) -> float:
         with self.ctx.autocast():
             logits, extra = self.train_outputs(images, labels, task)
         if self.mask_old_classes:
             logits = mask_to_task(logits.float(), task)
-        loss = descend(optimizer, F.cross_entropy(logits.float(), labels) + extra, parameters, self.config.clip_grad)
+        loss = descend(optimizer, F.cross_entropy(logits.float(), labels) + extra, parameters, clip_grad)
         self.after_step(task)
         return loss
 

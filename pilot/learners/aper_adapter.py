@@ -1,39 +1,10 @@
-"""APER with adapters (Zhou et al., IJCV 2024; "ADAM"): adapt the ViT on the first task, then
-classify every task with cosine class-mean prototypes of the pretrained and the adapted features
-concatenated (PILOT's ``models/aper_adapter.py``, ``MultiBranchCosineIncrementalNet``: pretrained
-branch first). One copy of the ViT serves both branches: the adapters are off for the pretrained one.
-"""
-from __future__ import annotations
-
-import torch
-
-from pilot.data.stream import Split, Task
+"""APER with AdaptFormer adapters (PILOT's ``models/aper_adapter.py``): one copy of the ViT serves both
+branches, the adapters are off for the pretrained one."""
 from pilot.learners import register_learner
-from pilot.learners._first_task_adaptation import AdaptationConfig, FirstTaskAdaptationLearner
-from pilot.modules.heads import PrototypeClassifier
+from pilot.learners._aper import APERLearner
+from pilot.learners._first_task_adaptation import AdaptationConfig
 
 
 @register_learner("aper_adapter")
-class APERAdapter(FirstTaskAdaptationLearner):
+class APERAdapter(APERLearner):
     config_class = AdaptationConfig
-
-    def __init__(self, config: AdaptationConfig, ctx):
-        super().__init__(config, ctx)
-        self.classifier = PrototypeClassifier(2 * ctx.backbone.feature_dim)
-
-    def combined_features(self, split: Split) -> torch.Tensor:
-        return torch.cat([self.ctx.features(split), self.adapted_features(split)], dim=1)
-
-    def update_classifier(self, task: Task) -> None:
-        labels = torch.as_tensor(task.train.labels)
-        self.classifier.add_classes(self.combined_features(task.train), labels, task.classes)
-
-    def predict(self, split: Split) -> torch.Tensor:
-        return self.classifier(self.combined_features(split))
-
-    def state_dict(self):
-        return {**super().state_dict(), "classifier": self.classifier.state_dict()}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.classifier.load_state_dict(state["classifier"])

@@ -1,7 +1,7 @@
-"""Parameter-efficient adaptation (AdaptFormer adapters, SSF) attached to timm's stock VisionTransformer.
+"""Parameter-efficient adaptation (AdaptFormer adapters, SSF, VPT prompt tokens) attached to timm's stock VisionTransformer.
 
 Nothing in the ViT is replaced or subclassed: the adaptation lives in its own ``nn.Module`` (an
-``AdapterSet`` or ``SSFSet``) and reaches into the forward pass through hooks. Consequences:
+``AdapterSet``, ``SSFSet`` or ``VisualPromptSet``) and reaches into the forward pass through hooks. Consequences:
 
 * the ViT's ``state_dict`` keeps timm's keys, so pretrained weights load as usual;
 * the set's ``state_dict`` holds only the adaptation parameters (train, save and merge them alone);
@@ -226,6 +226,56 @@ def attach_ssf(vit: nn.Module, init_std: float = 0.02) -> SSFSet:
     if init_std < 0:
         raise ValueError(f"SSF init_std must be >= 0, got {init_std}")
     return SSFSet(vit, init_std)
+
+
+# ---------------------------------------------------------------------------------------------
+# VPT: visual prompt tokens
+# ---------------------------------------------------------------------------------------------
+
+
+class PromptTokens(_Unit):
+    """One layer of VPT prompt tokens as APER's code has them (``backbone/vpt.py``, and
+    zhoudw-zdw/RevisitingCIL): ``length`` zero-initialised tokens, no dropout, no position embedding,
+    appended after the patch tokens before a block and dropped from the output of a block.
+    """
+
+    def __init__(self, length: int, dim: int) -> None:
+        super().__init__()
+        self.tokens = nn.Parameter(torch.zeros(length, dim))
+
+    def append(self, block: nn.Module, args: tuple) -> tuple | None:
+        """Forward pre-hook: the block's tokens followed by the prompts."""
+        if not self.active:
+            return None
+        x = args[0]
+        return (torch.cat([x, self.tokens.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1), *args[1:])
+
+    def drop(self, block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """Forward hook: the block's output without the prompt positions."""
+        return output[:, : -self.tokens.shape[0]] if self.active else None
+
+
+class VisualPromptSet(_HookedAdaptation):
+    """VPT by hooks. Deep: each block appends its own tokens and drops their outputs, so the next block
+    gets fresh ones. Shallow: one set appended before the first block, dropped after the last. The
+    final norm and pooling see the stock token layout. Build it with ``attach_visual_prompts``.
+    """
+
+    def __init__(self, vit: nn.Module, length: int, deep: bool) -> None:
+        blocks = _blocks(vit)
+        dim = _embed_dim(vit)
+        super().__init__(nn.ModuleList(PromptTokens(length, dim) for _ in (blocks if deep else blocks[:1])))
+        spans = [(block, block) for block in blocks] if deep else [(blocks[0], blocks[-1])]
+        for (first, last), prompts in zip(spans, self.units):
+            self._handles.append(first.register_forward_pre_hook(prompts.append))
+            self._handles.append(last.register_forward_hook(prompts.drop))
+
+
+def attach_visual_prompts(vit: nn.Module, length: int = 5, deep: bool = True) -> VisualPromptSet:
+    """Add VPT prompt tokens to ``vit`` (deep: at every block; shallow: at the first); returns their module."""
+    if length < 1:
+        raise ValueError(f"VPT needs at least one prompt token, got {length}")
+    return VisualPromptSet(vit, length, deep)
 
 
 # ---------------------------------------------------------------------------------------------

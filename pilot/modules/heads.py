@@ -68,3 +68,76 @@ def normalise_logits(logits: torch.Tensor, task_classes: Sequence[range], temper
     """SLCA's logit normalisation: logits / (mean over tasks of each task's logit L2 norm) / temperature."""
     norms = torch.stack([logits[:, classes.start:classes.stop].norm(dim=1) + 1e-7 for classes in task_classes], dim=1)
     return logits / norms.mean(dim=1, keepdim=True) / temperature
+
+
+class SubspacePrototypes:
+    """EASE's classifier (Zhou et al., CVPR 2024): a prototype per class in every feature subspace
+    (one per task adapter, plus optionally the pretrained model's), ``weights[class, subspace, dim]``.
+
+    A class's prototypes in subspaces that did not exist when it was learnt are synthesised from
+    class similarities (``complement``); logits add the cosines of each subspace, reweighted by
+    ``logits``. Unfilled prototypes are zero and contribute a cosine of 0.
+    """
+
+    def __init__(self, feature_dim: int) -> None:
+        self.weights = torch.zeros(0, 0, feature_dim)
+
+    @property
+    def num_subspaces(self) -> int:
+        return self.weights.shape[1]
+
+    def add_subspace(self) -> None:
+        classes, subspaces, dim = self.weights.shape
+        self.weights = torch.cat([self.weights, torch.zeros(classes, 1, dim)], dim=1)
+
+    def add_classes(self, count: int) -> None:
+        _, subspaces, dim = self.weights.shape
+        self.weights = torch.cat([self.weights, torch.zeros(count, subspaces, dim)])
+
+    def set_means(self, subspace: int, features: torch.Tensor, labels: torch.Tensor, classes: range) -> None:
+        self.weights[classes.start:classes.stop, subspace] = torch.stack([features[labels == c].mean(0) for c in classes])
+
+    def complement(self, task_classes: list[range], first: int, recalc: bool) -> None:
+        """EASE's semantic-guided prototype complement (official ``solve_sim_reset``, or ``solve_similarity``
+        when not ``recalc``). Task ``i``'s adapter is subspace ``first + i``; for an old task ``i`` and a later
+        subspace ``j``, the reference classes are those of tasks ``>= j`` (they have real prototypes in both):
+
+            W[task i, j] = softmax_rows(cos(W[task i, i], W[ref, i])) @ W[ref, j]
+
+        ``recalc`` recomputes every such block each task (more references over time); otherwise only the
+        newest subspace is filled.
+        """
+        newest = len(task_classes) - 1
+        for old in range(newest):
+            for later in range(old + 1, newest + 1) if recalc else [newest]:
+                references = range(task_classes[later].start, task_classes[-1].stop)
+                own = self.weights[task_classes[old].start:task_classes[old].stop, first + old]
+                anchors = self.weights[references.start:references.stop, first + old]
+                targets = self.weights[references.start:references.stop, first + later]
+                similarity = torch.softmax(cosine_logits(own, anchors), dim=1)
+                self.weights[task_classes[old].start:task_classes[old].stop, first + later] = similarity @ targets
+
+    def logits(self, features: torch.Tensor, task_classes: list[range], first: int, alpha: float,
+               beta: float) -> torch.Tensor:
+        """EASE's reweighted logits (``forward_reweight``) of ``features[image, subspace, dim]``: for a class
+        of task ``i``, the cosine in its own subspace ``first + i``, plus ``alpha / T`` times the cosines in
+        the other T adapter subspaces, plus ``beta`` times the cosine in the pretrained subspace (when
+        ``first`` is 1)."""
+        cosines = torch.einsum("nsd,csd->ncs", F.normalize(features, dim=2), F.normalize(self.weights, dim=2))
+        others = len(task_classes) - 1
+        weights = torch.full((self.weights.shape[0], self.num_subspaces), alpha / max(others, 1))
+        if first:
+            weights[:, 0] = beta
+        for task, classes in enumerate(task_classes):
+            weights[classes.start:classes.stop, first + task] = 1.0
+        return (cosines * weights).sum(2)
+
+    def plain_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """One cosine between the concatenated features and prototypes (EASE without reweighting)."""
+        return cosine_logits(features.flatten(1), self.weights.flatten(1))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"weights": self.weights}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.weights = state["weights"]

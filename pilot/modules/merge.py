@@ -58,6 +58,15 @@ def ema_update(target: nn.Module | MutableMapping[str, torch.Tensor], source: nn
         tensor.mul_(alpha).add_(update, alpha=1.0 - alpha)
 
 
+def average(weights: list[Weights]) -> dict[str, torch.Tensor]:
+    """The mean of several models' tensors, by name (MOS's anchor: the mean of the earlier tasks' adapters)."""
+    if not weights:
+        raise ValueError("average needs at least one set of weights")
+    for index, other in enumerate(weights[1:], start=1):
+        _check_same_layout(weights[0], other, "weights[0]", f"weights[{index}]")
+    return {name: torch.stack([w[name].float() for w in weights]).mean(0) for name in weights[0]}
+
+
 def interpolate(params_a: Weights, params_b: Weights, weight_b: float) -> dict[str, torch.Tensor]:
     """``(1 - weight_b) * a + weight_b * b`` per tensor (CoFiMA without Fisher weighting)."""
     _check_weight(weight_b, "weight_b")

@@ -1,0 +1,96 @@
+"""Fine-tuning, the lower bound (PILOT's ``models/finetune.py``): the whole backbone and a growing linear
+head trained task by task on the new data alone, old classes' logits masked from the loss; nothing
+protects what earlier tasks learnt. The first task has its own schedule (PILOT's ``init_`` keys).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pilot.config import LearnerConfig
+from pilot.data.stream import Task
+from pilot.learners import register_learner
+from pilot.learners._gradient import GradientLearner, TrainConfig, validate_train_config
+from pilot.modules.heads import classify
+
+
+@dataclass
+class FinetuneConfig(LearnerConfig):
+    """PILOT's exps/finetune.json: SGD (momentum 0.9) with step decay, first task and later tasks apart."""
+
+    init_epoch: int = 20
+    init_lr: float = 1e-3
+    init_milestones: list[int] = field(default_factory=lambda: [60, 120, 170])  # past 20 epochs: a constant rate
+    init_lr_decay: float = 0.1
+    init_weight_decay: float = 5e-4
+    epochs: int = 20
+    lrate: float = 1e-3
+    milestones: list[int] = field(default_factory=lambda: [40, 70])
+    lrate_decay: float = 0.1
+    batch_size: int = 128
+    weight_decay: float = 2e-4
+
+    def settings(self, first_task: bool) -> TrainConfig:
+        """The template's settings for the first or a later task; milestones past the last epoch never apply."""
+        epochs = self.init_epoch if first_task else self.epochs
+        milestones = self.init_milestones if first_task else self.milestones
+        return TrainConfig(tuned_epoch=epochs, init_lr=self.init_lr if first_task else self.lrate,
+                           batch_size=self.batch_size, optimizer="sgd", scheduler="steplr",
+                           weight_decay=self.init_weight_decay if first_task else self.weight_decay,
+                           milestones=[m for m in milestones if m < epochs],
+                           lr_decay=self.init_lr_decay if first_task else self.lrate_decay)
+
+
+def linear_heads(feature_dim: int, task_sizes: tuple[int, ...]) -> nn.ModuleList:
+    """One linear head per task, initialised as PILOT's ``SimpleLinear`` (Kaiming uniform for a linear
+    layer, zero bias): together, the head PILOT grows by copying old rows into a larger one."""
+    heads = nn.ModuleList(nn.Linear(feature_dim, size) for size in task_sizes)
+    for head in heads:
+        nn.init.kaiming_uniform_(head.weight, nonlinearity="linear")
+        nn.init.zeros_(head.bias)
+    return heads
+
+
+@register_learner("finetune")
+class Finetune(GradientLearner):
+    config_class = FinetuneConfig
+
+    def __init__(self, config: FinetuneConfig, ctx):
+        super().__init__(config, ctx)
+        self.net["backbone"] = ctx.backbone.requires_grad_(True)  # fine-tuned, so checkpointed with the heads
+        self.net["heads"] = linear_heads(ctx.backbone.feature_dim, ctx.protocol.task_sizes)
+        self.net.to(ctx.device)
+
+    @classmethod
+    def validate_config(cls, config: FinetuneConfig) -> None:
+        for first_task, (epochs, milestones) in ((True, (config.init_epoch, config.init_milestones)),
+                                                  (False, (config.epochs, config.milestones))):
+            validate_train_config(config.settings(first_task))
+            late = [m for m in milestones if m >= epochs]
+            if late and epochs:
+                prefix = "init_" if first_task else ""
+                warnings.warn(f"{prefix}milestones {late} are at or past the last epoch ({prefix}epoch"
+                              f"{'' if first_task else 's'} = {epochs}): the learning rate does not decay there "
+                              f"(as in PILOT, whose finetune.json has such milestones).", stacklevel=4)
+
+    def task_settings(self, task: Task) -> TrainConfig:
+        return self.config.settings(task.index == 0)
+
+    def seen_heads(self) -> nn.ModuleList:
+        return self.net["heads"][: len(self.ctx.protocol.tasks_within(self.num_seen))]
+
+    def trainable(self) -> list[nn.Parameter]:
+        return list(self.ctx.backbone.parameters()) + list(self.seen_heads().parameters())
+
+    def set_train_mode(self, training: bool) -> None:
+        self.ctx.backbone.train(training)
+
+    def train_outputs(self, images: torch.Tensor, labels: torch.Tensor, task: Task):
+        return classify(self.seen_heads(), self.ctx.backbone(images)), 0.0
+
+    def eval_logits(self, images: torch.Tensor, queries: Optional[torch.Tensor]) -> torch.Tensor:
+        return classify(self.seen_heads(), self.ctx.backbone(images))

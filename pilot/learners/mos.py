@@ -1,0 +1,240 @@
+"""MOS (Sun et al., AAAI 2025): Model Surgery. One AdaptFormer adapter per task on the frozen ViT, each
+task's adapter starting from the previous task's and pulled after every optimiser step towards the
+mean of the earlier tasks' adapters (``adapter_momentum``); a linear head over all classes, trained
+with the current task's logits and an orthogonality loss against the old classes' means (``reg``);
+from the second task, the head re-aligned on features sampled from stored class statistics. At test
+time a training-free, self-refined retrieval picks each image's adapter: the first task's adapter and
+cosine prototypes guess the task, then the head on that task's adapter features re-guesses it, up to
+4 rounds; ``ensemble`` adds the first guess's softmax.
+
+Settings and mechanisms as the official code (sun-hailong/AAAI25-MOS, identical to PILOT's
+``models/mos.py``), with one departure: the official code applies the momentum merge in place inside
+every block of every forward pass (13 times per training step, and to stored adapters at test time,
+so they drift with the number of test batches); pilot merges once after each step and keeps stored
+adapters as they were stored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pilot.data.stream import Split, Task
+from pilot.errors import PilotError, config_values
+from pilot.features import FeatureStore
+from pilot.learners import register_learner
+from pilot.learners._first_task_adaptation import AdaptedEncoder, weights_digest
+from pilot.learners._gradient import GradientLearner, TrainConfig, fit_on_features, validate_train_config
+from pilot.modules.adapters import attach_adapters, freeze
+from pilot.modules.gaussians import ClassGaussians
+from pilot.modules.heads import PrototypeClassifier
+from pilot.modules.merge import average, ema_update
+
+STORAGE = ("covariance", "variance", "multi-centroid")
+ORTHOGONALITY_TEMPERATURE = 0.8  # official orth_loss
+RETRIEVAL_ROUNDS = 4  # official MAX_ITER of the self-refined retrieval
+CA_SAMPLE_FACTOR = 5  # official num_sampled_pcls = batch_size * 5
+
+
+@dataclass
+class MOSConfig(TrainConfig):
+    """PILOT's exps/mos.json (= the official mos_cifar.json)."""
+
+    tuned_epoch: int = 20
+    init_lr: float = 0.03  # the adapter's; the head trains at a tenth of it
+    batch_size: int = 48
+    weight_decay: float = 0.0005
+    optimizer: str = "sgd"
+    scheduler: str = "cosine"
+    init_milestones: list[int] = field(default_factory=lambda: [10])  # for scheduler "steplr"
+    init_lr_decay: float = 0.1
+    ffn_num: int = 16  # adapter bottleneck
+    adapter_momentum: float = 0.1  # pull towards the earlier adapters' mean after each step (0: none)
+    reg: float = 0.1  # weight of the orthogonality loss
+    crct_epochs: int = 30  # classifier alignment epochs (0: none)
+    ca_lr: float = 0.005
+    ca_storage_efficient_method: str = "covariance"
+    n_centroids: int = 10
+    ensemble: bool = True
+
+
+@register_learner("mos")
+class MOS(GradientLearner):
+    config_class = MOSConfig
+
+    def __init__(self, config: MOSConfig, ctx):
+        super().__init__(config, ctx)
+        freeze(ctx.backbone)
+        self.require_vit()
+        dim = ctx.backbone.feature_dim
+        self.net["current"] = self.new_adapters()  # trains, carried from task to task
+        self.net["adapters"] = nn.ModuleList()  # each task's, frozen when the task ends
+        self.net["head"] = nn.Linear(dim, ctx.protocol.num_classes)
+        nn.init.trunc_normal_(self.net["head"].weight, std=0.02)  # timm's ViT head init
+        nn.init.zeros_(self.net["head"].bias)
+        self.net.to(ctx.device)
+        self.stores: list[FeatureStore] = []
+        self.statistics = ClassGaussians(dim, diagonal=config.ca_storage_efficient_method == "variance")
+        self.prototypes = PrototypeClassifier(dim)  # first task's adapter: the retrieval's first guess
+        self.anchor: Optional[dict[str, torch.Tensor]] = None
+
+    @classmethod
+    def validate_config(cls, config: MOSConfig) -> None:
+        validate_train_config(cls.settings(config))
+        if config.ca_storage_efficient_method not in STORAGE:
+            raise PilotError(f"ca_storage_efficient_method must be one of {', '.join(STORAGE)}, got "
+                             f"'{config.ca_storage_efficient_method}'.")
+        if not 0 <= config.adapter_momentum <= 1 or config.ffn_num < 1 or config.n_centroids < 1:
+            raise PilotError("adapter_momentum must lie in [0, 1], ffn_num and n_centroids be >= 1.")
+        if config.crct_epochs < 0 or config.ca_lr <= 0 or config.reg < 0:
+            raise PilotError("crct_epochs and reg must be >= 0 and ca_lr > 0.")
+
+    @staticmethod
+    def settings(config: MOSConfig) -> TrainConfig:
+        return replace(config, milestones=config.init_milestones, lr_decay=config.init_lr_decay)
+
+    def task_settings(self, task: Task) -> TrainConfig:
+        return self.settings(self.config)
+
+    # --- adapters ----------------------------------------------------------------------------
+
+    def new_adapters(self):
+        adapters = attach_adapters(self.ctx.backbone.model, bottleneck=self.config.ffn_num).to(self.ctx.device)
+        adapters.enabled = False
+        return adapters
+
+    def encoder(self, adapters: nn.Module) -> AdaptedEncoder:
+        return AdaptedEncoder(self.ctx.backbone, adapters)
+
+    def store_adapter(self) -> None:
+        """Keep a frozen copy of the current adapter as the finished task's, with its feature store."""
+        stored = self.new_adapters()
+        stored.load_state_dict(self.net["current"].state_dict())
+        self.net["adapters"].append(stored)
+        self.open_store(stored)
+
+    def open_store(self, adapters: nn.Module) -> None:
+        freeze(adapters)
+        identity = f"{self.ctx.backbone.identity}|adapters:{weights_digest(adapters)}"
+        self.stores.append(self.ctx.feature_store(self.encoder(adapters), identity))
+
+    # --- training ----------------------------------------------------------------------------
+
+    def begin_task(self, task: Task) -> None:
+        stored = [adapters.state_dict() for adapters in self.net["adapters"]]
+        self.anchor = average(stored) if stored and self.config.adapter_momentum > 0 else None
+
+    def trainable(self) -> list[nn.Parameter]:
+        return list(self.net["current"].parameters()) + list(self.net["head"].parameters())
+
+    def param_groups(self, parameters: list[nn.Parameter]) -> list[dict]:
+        """The adapter at ``init_lr``, the head at a tenth of it (official)."""
+        head = {id(p) for p in self.net["head"].parameters()}
+        return [{"params": [p for p in parameters if id(p) not in head], "lr": self.config.init_lr},
+                {"params": [p for p in parameters if id(p) in head], "lr": self.config.init_lr * 0.1}]
+
+    def set_train_mode(self, training: bool) -> None:
+        self.encoder(self.net["current"]).train(training)
+
+    def train_outputs(self, images: torch.Tensor, labels: torch.Tensor, task: Task):
+        features = self.encoder(self.net["current"])(images)
+        logits = self.net["head"](features)[:, : self.num_seen]
+        return logits, self.config.reg * self.orthogonality_loss(features)
+
+    def orthogonality_loss(self, features: torch.Tensor) -> torch.Tensor:
+        """Official ``orth_loss``: the batch's features and the old classes' means (constants), raw, each
+        row's similarities / 0.8 classified as itself (pushes them apart)."""
+        rows = torch.cat([self.statistics.means.to(features), features.float()])
+        similarity = rows @ rows.T / ORTHOGONALITY_TEMPERATURE
+        return F.cross_entropy(similarity, torch.arange(len(rows), device=rows.device))
+
+    @torch.no_grad()
+    def after_step(self, task: Task) -> None:
+        if self.anchor is not None:
+            ema_update(self.net["current"], self.anchor, 1 - self.config.adapter_momentum)
+
+    # --- after training: statistics, alignment, retrieval prototypes ---------------------------
+
+    def end_task(self, task: Task) -> None:
+        self.store_adapter()
+        features, labels = self.stores[-1](task.train), torch.as_tensor(task.train.labels)
+        with config_values("train_per_class"):
+            if self.config.ca_storage_efficient_method == "multi-centroid":
+                self.statistics.add_centroids(features, labels, task.classes, self.config.n_centroids,
+                                              self.ctx.generator)
+            else:
+                self.statistics.add_classes(features, labels, task.classes)
+        if task.index > 0 and self.config.crct_epochs > 0:
+            self.align_classifier()
+        self.prototypes.add_classes(self.stores[0](task.train), labels, task.classes)
+
+    def align_classifier(self) -> None:
+        """Official ``classifer_align``: the head alone, SGD at ``ca_lr`` with a cosine schedule; each epoch
+        draws 5 x batch_size features per stored Gaussian and trains on as many batches of that size as
+        classes seen (all samples for one Gaussian per class; a 1/k share for k centroids)."""
+        config, device = self.config, self.ctx.device
+        head = self.net["head"]
+        optimizer = torch.optim.SGD(head.parameters(), lr=config.ca_lr, momentum=0.9, weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.crct_epochs)
+        cholesky_factors = self.statistics.cholesky_factors(device)
+        per_class = config.batch_size * CA_SAMPLE_FACTOR
+        unit_scales = torch.ones(self.statistics.num_classes)
+
+        def batches():
+            features, labels = self.statistics.sample(cholesky_factors, per_class, unit_scales, self.ctx.generator)
+            pairs = zip(features.split(per_class), labels.to(device).split(per_class))
+            return (pair for _, pair in zip(range(self.num_seen), pairs))
+
+        head.train()
+        fit_on_features(lambda features: head(features)[:, : self.num_seen], optimizer, config.crct_epochs,
+                        batches, scheduler)
+
+    # --- prediction: self-refined adapter retrieval ---------------------------------------------
+
+    def class_tasks(self) -> torch.Tensor:
+        """The task of each seen class."""
+        tasks = self.ctx.protocol.tasks_within(self.num_seen)
+        return torch.cat([torch.full((len(classes),), index) for index, classes in enumerate(tasks)])
+
+    @torch.no_grad()
+    def predict(self, split: Split) -> torch.Tensor:
+        head, class_tasks = self.net["head"].eval(), self.class_tasks()
+        features = torch.stack([store(split) for store in self.stores], dim=1)  # [images, tasks, dim]
+        first_guess = self.prototypes(features[:, 0])
+        rows = torch.arange(len(features))
+        task = class_tasks[first_guess.argmax(1)]
+        final = torch.zeros_like(first_guess)
+        searching = torch.ones(len(features), dtype=torch.bool)
+        for _ in range(RETRIEVAL_ROUNDS):
+            logits = head(features[rows, task].to(self.ctx.device)).cpu()[:, : self.num_seen]
+            final[searching] = logits[searching]
+            guess = class_tasks[logits.argmax(1)]
+            searching &= guess != task
+            task = torch.where(searching, guess, task)
+            if not searching.any():
+                break
+        if self.config.ensemble:
+            return final.softmax(1) + (first_guess * len(self.stores)).softmax(1)
+        return final
+
+    def eval_logits(self, images: torch.Tensor, queries: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError("MOS predicts from its adapters' feature stores")
+
+    # --- checkpoint ------------------------------------------------------------------------------
+
+    def state_dict(self):
+        return {**super().state_dict(), "statistics": self.statistics.state_dict(),
+                "prototypes": self.prototypes.state_dict()}
+
+    def load_state_dict(self, state):
+        stored = {key.split(".")[1] for key in state["net"] if key.startswith("adapters.")}
+        for _ in stored:
+            self.net["adapters"].append(self.new_adapters())
+        super().load_state_dict(state)
+        for adapters in self.net["adapters"]:
+            self.open_store(adapters)
+        self.statistics.load_state_dict(state["statistics"])
+        self.prototypes.load_state_dict(state["prototypes"])

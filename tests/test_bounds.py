@@ -1,0 +1,58 @@
+"""The lower and upper bounds: fine-tuning on each task's data alone, and joint training on all seen data."""
+import pytest
+import torch
+
+from pilot.configure import build_config
+from pilot.engine import Run
+
+from conftest import assert_resume_matches_uninterrupted, tiny_raw
+
+
+def bound_config(tmp_path, learner, **overrides):
+    return build_config(tiny_raw(tmp_path, **{"model_name": learner, "init_epoch": 1, "epochs": 1, "batch_size": 8,
+                                              "init_milestones": [], "milestones": [], **overrides}))
+
+
+def test_finetune_changes_every_backbone_weight(tmp_path):
+    run = Run(bound_config(tmp_path, "finetune"))
+    before = {k: v.clone() for k, v in run.ctx.backbone.named_parameters()}
+    run.learner.fit(run.stream.tasks[0])
+    unchanged = [k for k, v in run.ctx.backbone.named_parameters() if torch.equal(v, before[k])]
+    assert not unchanged
+
+
+def test_first_and_later_tasks_use_their_own_settings(tmp_path):
+    config = bound_config(tmp_path, "finetune", init_epoch=2, init_lr=0.05, init_weight_decay=0.01, epochs=3,
+                          lrate=0.02, weight_decay=0.003).learner
+    first, later = config.settings(True), config.settings(False)
+    assert (first.tuned_epoch, first.init_lr, first.weight_decay) == (2, 0.05, 0.01)
+    assert (later.tuned_epoch, later.init_lr, later.weight_decay) == (3, 0.02, 0.003)
+    assert first.optimizer == later.optimizer == "sgd"
+
+
+def test_pilots_milestones_past_the_last_epoch_warn_and_keep_the_rate(tmp_path):
+    with pytest.warns(UserWarning, match="does not decay"):
+        config = bound_config(tmp_path, "finetune", init_milestones=[60, 120], init_epoch=2).learner
+    assert config.settings(True).milestones == []
+
+
+@pytest.mark.parametrize("learner", ["finetune", "joint"])
+def test_training_data_is_the_task_or_everything_seen(tmp_path, learner, monkeypatch):
+    run = Run(bound_config(tmp_path, learner))
+    sizes = []
+    make = run.ctx.train_loader
+    monkeypatch.setattr(run.ctx, "train_loader", lambda split, *a, **k: sizes.append(
+        (len(split), sorted(set(split.labels.tolist())))) or make(split, *a, **k))
+    result = run.execute()
+    tasks = run.stream.tasks
+    if learner == "finetune":
+        assert sizes == [(len(t.train), list(t.classes)) for t in tasks]
+        assert result["continual"] is True
+    else:
+        assert sizes == [(sum(len(s.train) for s in tasks[: t.index + 1]), list(range(t.num_seen))) for t in tasks]
+        assert result["continual"] is False
+
+
+@pytest.mark.parametrize("learner", ["finetune", "joint"])
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, learner):
+    assert_resume_matches_uninterrupted(lambda folder: bound_config(tmp_path / folder, learner))

@@ -1,0 +1,103 @@
+"""MOS: adapter merge with momentum, classifier alignment, self-refined adapter retrieval."""
+import pytest
+import torch
+
+from pilot.configure import build_config
+from pilot.engine import Run
+from pilot.modules.gaussians import ClassGaussians, kmeans
+
+from conftest import assert_resume_matches_uninterrupted, tiny_raw
+
+
+def mos_config(tmp_path, **overrides):
+    return build_config(tiny_raw(tmp_path, **{"model_name": "mos", "tuned_epoch": 1, "batch_size": 8,
+                                              "crct_epochs": 2, **overrides}))
+
+
+def set_values(module, generator):
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+
+
+def test_adapter_merge_equals_the_momentum_formula(tmp_path):
+    run = Run(mos_config(tmp_path, adapter_momentum=0.1))
+    learner, generator = run.learner, torch.Generator().manual_seed(0)
+    for _ in range(2):  # two finished tasks' adapters with known values
+        set_values(learner.net["current"], generator)
+        learner.store_adapter()
+    set_values(learner.net["current"], generator)
+    stored = [a.state_dict() for a in learner.net["adapters"]]
+    current = {k: v.clone() for k, v in learner.net["current"].state_dict().items()}
+    learner.begin_task(run.stream.tasks[2])
+    learner.after_step(run.stream.tasks[2])
+    for name, value in learner.net["current"].state_dict().items():
+        expected = 0.9 * current[name] + 0.1 * (stored[0][name] + stored[1][name]) / 2
+        torch.testing.assert_close(value, expected)
+    for adapters, before in zip(learner.net["adapters"], stored):  # stored adapters are never rewritten
+        assert all(torch.equal(v, before[k]) for k, v in adapters.state_dict().items())
+
+
+def retrieval_by_hand(first_guess, features, head, class_tasks, tasks_seen):
+    """The official ``_eval_cnn`` loop, one image at a time."""
+    outputs = []
+    for i in range(len(features)):
+        previous = int(class_tasks[first_guess[i].argmax()])
+        for loop in range(1, 5):
+            logits = head(features[i, previous][None])[0]
+            current = int(class_tasks[logits.argmax()])
+            if loop >= 4 or current == previous:
+                break
+            previous = current
+        outputs.append(logits.softmax(0) + (first_guess[i] * tasks_seen).softmax(0))
+    return torch.stack(outputs)
+
+
+def test_retrieval_picks_the_adapter_the_official_loop_picks(tmp_path):
+    run = Run(mos_config(tmp_path))
+    learner = run.learner
+    for task in run.stream.tasks:
+        learner.fit(task)
+    split = run.stream.tasks[1].test
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(len(split), len(learner.stores), learner.ctx.backbone.feature_dim, generator=generator)
+    learner.stores = [lambda s, j=j: features[:, j] for j in range(len(learner.stores))]
+    set_values(learner.net["head"], generator)  # a head that disagrees with the prototypes: several rounds
+    with torch.no_grad():
+        first_guess = learner.prototypes(features[:, 0])
+        expected = retrieval_by_hand(first_guess, features, lambda x: learner.net["head"](x)[:, :learner.num_seen],
+                                     learner.class_tasks(), len(learner.stores))
+    torch.testing.assert_close(learner.predict(split), expected)
+
+
+def test_alignment_trains_the_head_only_and_keeps_statistics(tmp_path):
+    run = Run(mos_config(tmp_path))
+    learner = run.learner
+    learner.fit(run.stream.tasks[0])
+    learner.fit(run.stream.tasks[1])
+    assert learner.statistics.num_classes == run.stream.tasks[1].num_seen
+    head = {k: v.clone() for k, v in learner.net["head"].state_dict().items()}
+    adapters = {k: v.clone() for k, v in learner.net["current"].state_dict().items()}
+    learner.align_classifier()
+    assert not torch.equal(head["weight"], learner.net["head"].weight)
+    assert all(torch.equal(v, learner.net["current"].state_dict()[k]) for k, v in adapters.items())
+
+
+def test_multi_centroid_statistics_sample_per_centroid():
+    points = torch.cat([torch.randn(10, 3) - 5, torch.randn(10, 3) + 5])
+    assignment = kmeans(points, 2, torch.Generator().manual_seed(0))
+    assert len(set(assignment[:10].tolist())) == 1 and set(assignment[:10].tolist()) != set(assignment[10:].tolist())
+    gaussians = ClassGaussians(3)
+    gaussians.add_centroids(points, torch.zeros(20, dtype=torch.long), range(1), 2, torch.Generator().manual_seed(0))
+    assert gaussians.num_classes == 2 and gaussians.owners.tolist() == [0, 0]
+    assert torch.count_nonzero(gaussians.covs[0] - torch.diag(gaussians.covs[0].diagonal())) == 0
+    _, labels = gaussians.sample(gaussians.cholesky_factors(torch.device("cpu")), 4, torch.ones(2),
+                                 torch.Generator().manual_seed(1))
+    assert labels.tolist() == [0] * 8
+
+
+@pytest.mark.parametrize("storage", ["covariance", "multi-centroid"])
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, storage):
+    uninterrupted, _ = assert_resume_matches_uninterrupted(
+        lambda folder: mos_config(tmp_path / folder, ca_storage_efficient_method=storage, n_centroids=2))
+    assert uninterrupted["last_accuracy"] > 50  # 10 classes: chance is 10%
