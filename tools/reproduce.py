@@ -31,7 +31,8 @@ from pilot.config import load_raw  # noqa: E402
 from pilot.configure import build_config  # noqa: E402
 from pilot.engine import run_experiment  # noqa: E402
 
-LEARNERS = ["simplecil", "l2p", "dualprompt", "coda_prompt", "ranpac", "aper_adapter", "slca", "cofima", "lae"]
+LEARNERS = ["simplecil", "l2p", "dualprompt", "coda_prompt", "ranpac", "aper_adapter", "slca", "cofima", "lae",
+            "fecam", "ease", "mos"]
 PROFILES = ["default", "pilot", "official"]
 PROTOCOL_KEYS = {"prefix", "dataset", "shuffle", "init_cls", "increment", "device", "seed", "backbone_type",
                  "model_name", "tuned_epoch", "epochs", "train_per_class", "test_per_class", "max_tasks",
@@ -44,6 +45,7 @@ ABLATIONS = {
     "prompt position embedding": (["l2p"], {"prompt_position": "cls"}),
     "torch's cosine annealing": (["coda_prompt"], {"scheduler": "cosine_annealing"}),
     "trained new head after merge": (["cofima"], {"new_head": "trained"}),
+    "PILOT's FeCAM covariance": (["fecam"], {"pilot_covariance": True}),
 }
 
 

@@ -65,6 +65,14 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()[:24]
 
 
+def frozen_store(ctx, encoder: nn.Module, adaptation: nn.Module) -> FeatureStore:
+    """Freeze ``adaptation`` for good and give the feature store of ``encoder`` (the backbone with it on),
+    keyed by the adaptation's weights."""
+    freeze(adaptation)
+    identity = f"{ctx.backbone.identity}|{type(adaptation).__name__}:{weights_digest(adaptation)}"
+    return ctx.feature_store(encoder, identity)
+
+
 class FirstTaskAdaptationLearner(GradientLearner):
     """Template: the training template runs on the first task only; then ``update_classifier``
     learns every task's classes from ``adapted_features`` (subclasses define it and ``predict``).
@@ -133,10 +141,7 @@ class FirstTaskAdaptationLearner(GradientLearner):
 
     def freeze_adaptation(self) -> None:
         """From here on the adapted backbone is fixed: its features go through a store."""
-        adaptation = self.net["adaptation"]
-        freeze(adaptation)
-        identity = f"{self.ctx.backbone.identity}|{type(adaptation).__name__}:{weights_digest(adaptation)}"
-        self.adapted_features = self.ctx.feature_store(self.encoder, identity)
+        self.adapted_features = frozen_store(self.ctx, self.encoder, self.net["adaptation"])
 
     # --- what a learner defines -----------------------------------------------------------
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,7 @@ from pilot.data.stream import Split, Task
 from pilot.errors import PilotError
 from pilot.features import FeatureStore
 from pilot.learners import register_learner
-from pilot.learners._first_task_adaptation import AdaptedEncoder, weights_digest
+from pilot.learners._first_task_adaptation import AdaptedEncoder, frozen_store
 from pilot.learners._gradient import GradientLearner, TrainConfig, validate_train_config
 from pilot.modules.adapters import attach_adapters, freeze
 from pilot.modules.heads import CosineHead, SubspacePrototypes
@@ -102,10 +101,7 @@ class EASE(GradientLearner):
         return AdaptedEncoder(self.ctx.backbone, self.net["adapters"][index])
 
     def freeze_adapter(self, index: int) -> None:
-        adapters = self.net["adapters"][index]
-        freeze(adapters)
-        identity = f"{self.ctx.backbone.identity}|adapters:{weights_digest(adapters)}"
-        self.stores.append(self.ctx.feature_store(self.encoder(index), identity))
+        self.stores.append(frozen_store(self.ctx, self.encoder(index), self.net["adapters"][index]))
 
     def subspace_stores(self) -> list[FeatureStore]:
         return ([self.ctx.features] if self.config.use_init_ptm else []) + self.stores
@@ -159,9 +155,6 @@ class EASE(GradientLearner):
             return self.prototypes.plain_logits(features)
         return self.prototypes.logits(features, self.ctx.protocol.tasks_within(self.num_seen), self.first,
                                       self.config.alpha, self.config.beta)
-
-    def eval_logits(self, images: torch.Tensor, queries: Optional[torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError("EASE predicts from its subspace feature stores")
 
     # --- checkpoint ------------------------------------------------------------------------------
 

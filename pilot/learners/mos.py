@@ -26,7 +26,7 @@ from pilot.data.stream import Split, Task
 from pilot.errors import PilotError, config_values
 from pilot.features import FeatureStore
 from pilot.learners import register_learner
-from pilot.learners._first_task_adaptation import AdaptedEncoder, weights_digest
+from pilot.learners._first_task_adaptation import AdaptedEncoder, frozen_store
 from pilot.learners._gradient import GradientLearner, TrainConfig, fit_on_features, validate_train_config
 from pilot.modules.adapters import attach_adapters, freeze
 from pilot.modules.gaussians import ClassGaussians
@@ -117,9 +117,7 @@ class MOS(GradientLearner):
         self.open_store(stored)
 
     def open_store(self, adapters: nn.Module) -> None:
-        freeze(adapters)
-        identity = f"{self.ctx.backbone.identity}|adapters:{weights_digest(adapters)}"
-        self.stores.append(self.ctx.feature_store(self.encoder(adapters), identity))
+        self.stores.append(frozen_store(self.ctx, self.encoder(adapters), adapters))
 
     # --- training ----------------------------------------------------------------------------
 
@@ -219,9 +217,6 @@ class MOS(GradientLearner):
         if self.config.ensemble:
             return final.softmax(1) + (first_guess * len(self.stores)).softmax(1)
         return final
-
-    def eval_logits(self, images: torch.Tensor, queries: Optional[torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError("MOS predicts from its adapters' feature stores")
 
     # --- checkpoint ------------------------------------------------------------------------------
 
