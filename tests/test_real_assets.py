@@ -37,10 +37,14 @@ def test_backbone_matches_timm_loading_the_file(real_config):
     assert run.ctx.backbone.data_config.mean == (0.485, 0.456, 0.406)
 
 
-@pytest.mark.parametrize("learner, settings", [
-    ("ease", {"init_epochs": 1}), ("mos", {"tuned_epoch": 1, "crct_epochs": 2}), ("fecam", {"tuned_epoch": 1}),
-    ("aper_vpt", {"tuned_epoch": 1}), ("finetune", {"init_epoch": 1, "epochs": 1}),
-], ids=["ease", "mos", "fecam", "aper_vpt", "finetune"])
+NEW_LEARNERS = {
+    "ease": {"init_epochs": 1}, "mos": {"tuned_epoch": 1, "crct_epochs": 2}, "fecam": {"tuned_epoch": 1},
+    "aper_ssf": {"tuned_epoch": 1}, "aper_vpt": {"tuned_epoch": 1}, "aper_finetune": {"tuned_epoch": 1},
+    "finetune": {"init_epoch": 1, "epochs": 1}, "joint": {"init_epoch": 1, "epochs": 1},
+}
+
+
+@pytest.mark.parametrize("learner, settings", NEW_LEARNERS.items(), ids=list(NEW_LEARNERS))
 def test_new_learners_on_real_weights_and_data(tmp_path, learner, settings):
     """Real weights and images through each method's training, statistics and prediction (P1 measures accuracy)."""
     from pilot.configure import build_config
@@ -49,6 +53,7 @@ def test_new_learners_on_real_weights_and_data(tmp_path, learner, settings):
                                    batch_size=6, **settings))
     (result,) = run_experiment(config)
     assert result["status"] == "complete" and len(result["accuracy_curve"]) == 2
-    if learner != "finetune":  # its 5 SGD steps at lr 1e-3 leave PILOT's freshly initialised head near chance
+    assert result["continual"] is (learner != "joint")
+    if learner not in ("finetune", "joint"):  # 5 SGD steps at lr 1e-3 leave PILOT's fresh head near chance
         # 10-way and 20-way chance are 10% and 5%
         assert result["accuracy_curve"][0] > 30 and result["accuracy_curve"][1] > 25
