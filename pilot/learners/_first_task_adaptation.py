@@ -65,6 +65,18 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()[:24]
 
 
+def idle_adapters(ctx, bottleneck: int) -> nn.Module:
+    """AdaptFormer adapters on the backbone's ViT, on the run's device, off until an ``AdaptedEncoder`` runs them."""
+    adapters = attach_adapters(ctx.backbone.model, bottleneck=bottleneck).to(ctx.device)
+    adapters.enabled = False
+    return adapters
+
+
+def saved_adapter_sets(state: dict, key: str = "adapters") -> int:
+    """How many adapter sets a checkpoint's ``net`` holds under the ModuleList ``key`` (to rebuild them)."""
+    return len({name.split(".")[1] for name in state["net"] if name.startswith(f"{key}.")})
+
+
 def frozen_store(ctx, encoder: nn.Module, adaptation: nn.Module) -> FeatureStore:
     """Freeze ``adaptation`` for good and give the feature store of ``encoder`` (the backbone with it on),
     keyed by the adaptation's weights."""

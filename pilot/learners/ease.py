@@ -24,9 +24,9 @@ from pilot.data.stream import Split, Task
 from pilot.errors import PilotError
 from pilot.features import FeatureStore
 from pilot.learners import register_learner
-from pilot.learners._first_task_adaptation import AdaptedEncoder, frozen_store
+from pilot.learners._first_task_adaptation import AdaptedEncoder, frozen_store, idle_adapters, saved_adapter_sets
 from pilot.learners._gradient import GradientLearner, TrainConfig, validate_train_config
-from pilot.modules.adapters import attach_adapters, freeze
+from pilot.modules.adapters import freeze
 from pilot.modules.heads import CosineHead, SubspacePrototypes
 
 
@@ -93,9 +93,7 @@ class EASE(GradientLearner):
         return int(self.config.use_init_ptm)
 
     def add_adapter(self) -> None:
-        adapters = attach_adapters(self.ctx.backbone.model, bottleneck=self.config.ffn_num).to(self.ctx.device)
-        adapters.enabled = False
-        self.net["adapters"].append(adapters)
+        self.net["adapters"].append(idle_adapters(self.ctx, self.config.ffn_num))
 
     def encoder(self, index: int) -> AdaptedEncoder:
         return AdaptedEncoder(self.ctx.backbone, self.net["adapters"][index])
@@ -162,8 +160,7 @@ class EASE(GradientLearner):
         return {**super().state_dict(), "prototypes": self.prototypes.state_dict()}
 
     def load_state_dict(self, state):
-        adapters = {key.split(".")[1] for key in state["net"] if key.startswith("adapters.")}
-        for _ in adapters:
+        for _ in range(saved_adapter_sets(state)):
             self.add_adapter()
         super().load_state_dict(state)
         for index in range(len(self.net["adapters"])):

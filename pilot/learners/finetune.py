@@ -15,7 +15,7 @@ from pilot.config import LearnerConfig
 from pilot.data.stream import Task
 from pilot.learners import register_learner
 from pilot.learners._gradient import GradientLearner, TrainConfig, validate_train_config
-from pilot.modules.heads import classify
+from pilot.modules.heads import classify, task_heads
 
 
 @dataclass
@@ -45,16 +45,6 @@ class FinetuneConfig(LearnerConfig):
                            lr_decay=self.init_lr_decay if first_task else self.lrate_decay)
 
 
-def linear_heads(feature_dim: int, task_sizes: tuple[int, ...]) -> nn.ModuleList:
-    """One linear head per task, initialised as PILOT's ``SimpleLinear`` (Kaiming uniform for a linear
-    layer, zero bias): together, the head PILOT grows by copying old rows into a larger one."""
-    heads = nn.ModuleList(nn.Linear(feature_dim, size) for size in task_sizes)
-    for head in heads:
-        nn.init.kaiming_uniform_(head.weight, nonlinearity="linear")
-        nn.init.zeros_(head.bias)
-    return heads
-
-
 @register_learner("finetune")
 class Finetune(GradientLearner):
     config_class = FinetuneConfig
@@ -62,7 +52,7 @@ class Finetune(GradientLearner):
     def __init__(self, config: FinetuneConfig, ctx):
         super().__init__(config, ctx)
         self.net["backbone"] = ctx.backbone.requires_grad_(True)  # fine-tuned, so checkpointed with the heads
-        self.net["heads"] = linear_heads(ctx.backbone.feature_dim, ctx.protocol.task_sizes)
+        self.net["heads"] = task_heads(ctx.backbone.feature_dim, ctx.protocol.task_sizes, init="kaiming")
         self.net.to(ctx.device)
 
     @classmethod

@@ -26,9 +26,9 @@ from pilot.data.stream import Split, Task
 from pilot.errors import PilotError, config_values
 from pilot.features import FeatureStore
 from pilot.learners import register_learner
-from pilot.learners._first_task_adaptation import AdaptedEncoder, frozen_store
+from pilot.learners._first_task_adaptation import AdaptedEncoder, frozen_store, idle_adapters, saved_adapter_sets
 from pilot.learners._gradient import GradientLearner, TrainConfig, fit_on_features, validate_train_config
-from pilot.modules.adapters import attach_adapters, freeze
+from pilot.modules.adapters import freeze
 from pilot.modules.gaussians import ClassGaussians
 from pilot.modules.heads import PrototypeClassifier
 from pilot.modules.merge import average, ema_update
@@ -101,10 +101,8 @@ class MOS(GradientLearner):
 
     # --- adapters ----------------------------------------------------------------------------
 
-    def new_adapters(self):
-        adapters = attach_adapters(self.ctx.backbone.model, bottleneck=self.config.ffn_num).to(self.ctx.device)
-        adapters.enabled = False
-        return adapters
+    def new_adapters(self) -> nn.Module:
+        return idle_adapters(self.ctx, self.config.ffn_num)
 
     def encoder(self, adapters: nn.Module) -> AdaptedEncoder:
         return AdaptedEncoder(self.ctx.backbone, adapters)
@@ -225,8 +223,7 @@ class MOS(GradientLearner):
                 "prototypes": self.prototypes.state_dict()}
 
     def load_state_dict(self, state):
-        stored = {key.split(".")[1] for key in state["net"] if key.startswith("adapters.")}
-        for _ in stored:
+        for _ in range(saved_adapter_sets(state)):
             self.net["adapters"].append(self.new_adapters())
         super().load_state_dict(state)
         for adapters in self.net["adapters"]:

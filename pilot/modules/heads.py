@@ -50,11 +50,16 @@ class PrototypeClassifier:
         self.prototypes = state["prototypes"]
 
 
-def task_heads(feature_dim: int, task_sizes: Sequence[int]) -> nn.ModuleList:
-    """One linear head per task, initialised as SLCA's SimpleContinualLinear (truncated normal std 0.02, zero bias)."""
+def task_heads(feature_dim: int, task_sizes: Sequence[int], init: str = "trunc_normal") -> nn.ModuleList:
+    """One linear head per task, zero bias. ``init``: "trunc_normal" (std 0.02, SLCA's SimpleContinualLinear)
+    or "kaiming" (Kaiming uniform for a linear layer, PILOT's SimpleLinear: together, the head PILOT's
+    finetune grows by copying old rows into a larger one)."""
     heads = nn.ModuleList(nn.Linear(feature_dim, size) for size in task_sizes)
     for head in heads:
-        nn.init.trunc_normal_(head.weight, std=0.02)
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(head.weight, nonlinearity="linear")
+        else:
+            nn.init.trunc_normal_(head.weight, std=0.02)
         nn.init.zeros_(head.bias)
     return heads
 
