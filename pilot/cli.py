@@ -1,4 +1,5 @@
-"""Command line: ``pilot --config exps/simplecil.json [--set key=value ...] [--resume]``."""
+"""Command line: ``pilot --config exps/simplecil.json [--set key=value ...] [--resume]`` runs a config;
+``pilot sweep`` runs its seeds times a grid (on Ray when installed); ``pilot summarize`` tables runs."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +17,16 @@ examples:
 Each seed's run writes results.json, metrics.csv, run.log, tensorboard/ and checkpoint.pt under
 <log_dir>/<model_name>/<dataset>/<init_cls or 0>/<increment>/<prefix>_<seed>_<backbone>/.
 Plot runs with: python tools/plot.py <run dirs...>
+
+  pilot sweep --config exps/simplecil_p0.json --config exps/ranpac_p0.json --set seed=[1,2,3]
+  pilot summarize logs/            # mean ± std over seeds: Markdown, --csv, --latex
+"""
+
+SWEEP_EPILOG = """Each run of the cross product of each config's seeds and the grid gets its own run directory (the
+grid values join the run's prefix). Re-running the same command skips finished runs, resumes
+unfinished ones from their checkpoints and retries failed ones only with --retry-failed. The
+sweep's record is <log_dir>/sweeps/<name>/sweep.json; its runs share one feature cache there
+(unless the config sets feature_cache_dir), so frozen features are encoded once for all of them.
 """
 
 
@@ -33,10 +44,88 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def sweep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pilot sweep", description="Run a config's seeds times a grid of values.",
+                                epilog=SWEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, action="append", dest="configs",
+                   help="JSON config, e.g. exps/simplecil_p0.json (repeatable: one sweep over several configs)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="values of a key to cross with the others and the seeds (repeatable)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key for every run (repeatable)")
+    p.add_argument("--name", help="the sweep's name (default: the config's stem and a hash of grid and sets)")
+    p.add_argument("--max-parallel", type=int, help="at most this many runs at once (default: as resources allow)")
+    p.add_argument("--address", help="an existing Ray cluster, e.g. ray://head:10001 or auto")
+    p.add_argument("--cpus-per-run", type=float, default=1.0, help="Ray CPUs (and torch threads) per run")
+    p.add_argument("--gpus-per-run", type=float,
+                   help="Ray GPUs per run; fractions share a GPU (default: 1 for CUDA runs, 0 on the CPU)")
+    p.add_argument("--retry-failed", action="store_true", help="run again the runs that failed before")
+    p.add_argument("--dry-run", action="store_true", help="print the runs and their state, run nothing")
+    return p
+
+
+def run_sweep(argv: list[str]) -> int:
+    from pilot.config import parse_override
+    from pilot.sweep import execute, expand, parse_grid
+
+    args = sweep_parser().parse_args(argv)
+    sets = dict(parse_override(text) for text in args.overrides + ["progress=false"])
+    sweep = expand(args.configs, parse_grid(args.grid), sets, args.name)
+    sweep.cpus_per_run = args.cpus_per_run
+    sweep.gpus_per_run = args.gpus_per_run if args.gpus_per_run is not None else float(sweep.uses_cuda())
+    if args.dry_run:
+        for run in sweep.runs:
+            print(f"{run.state():<10} {run.label}: {run.run_dir}")
+        print(f"{len(sweep.runs)} runs; record: {sweep.record_path}")
+        return 0
+    records = execute(sweep, args.max_parallel, args.address, args.retry_failed)
+    failed = [r for r in records.values() if r.get("status") == "failed"]
+    for record in failed:
+        print(f"pilot sweep: failed: {record['label']}: {record['error']}", file=sys.stderr)
+    if failed:
+        print(f"pilot sweep: {len(failed)} runs failed; fix the cause and re-run with --retry-failed", file=sys.stderr)
+    print(f"summary: pilot summarize {sweep.directory}")
+    return 1 if failed else 0
+
+
+def summarize_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pilot summarize", description="Mean ± std over seeds of runs' metrics.")
+    p.add_argument("paths", nargs="+", help="run directories, folders of runs, or sweep directories")
+    p.add_argument("--csv", help="also write the table as CSV to this file")
+    p.add_argument("--latex", help="also write the table as a LaTeX tabular to this file")
+    p.add_argument("--runs", action="store_true", help="print one row per run before the table")
+    return p
+
+
+def run_summarize(argv: list[str]) -> int:
+    from pilot.outputs import atomic_write_text
+    from pilot.summary import load_runs, latex, markdown, run_table, summarize, to_csv
+
+    args = summarize_parser().parse_args(argv)
+    _, runs = load_runs(args.paths)
+    rows = summarize(runs)
+    if not rows:
+        raise PilotError(f"no complete run (results.json with status complete) under {', '.join(args.paths)}.")
+    if args.runs:
+        print(run_table(runs))
+    print(markdown(rows))
+    for path, text in ((args.csv, to_csv), (args.latex, latex)):
+        if path:
+            atomic_write_text(path, text(rows))
+            print(f"wrote {path}")
+    return 0
+
+
+SUBCOMMANDS = {"sweep": run_sweep, "summarize": run_summarize}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     warnings.formatwarning = lambda message, *_, **__: f"pilot: warning: {message}\n"
     try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return SUBCOMMANDS[argv[0]](argv[1:])
+        args = parser().parse_args(argv)
         from pilot.configure import load_config
         from pilot.engine import run_experiment, summary_line
 

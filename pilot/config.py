@@ -90,6 +90,12 @@ class ExperimentConfig:
     # bf16 autocast for training and inference on CUDA (ignored on the CPU, where it is slower).
     mixed_precision: bool = False
     progress: bool = True
+    # Trackers beside TensorBoard (pilot.tracking), off by default: MLflow (a local store under
+    # <log_dir>/mlruns unless a URI is given) and Weights & Biases.
+    mlflow: bool = False
+    mlflow_tracking_uri: str = ""
+    wandb: bool = False
+    wandb_project: str = "pilot"
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pilot.backbones import Backbone
 from pilot.config import ExperimentConfig
 from pilot.data import SourceDataset, Split, TaskStream
 from pilot.data.loader import make_loader
+from pilot.distributed import gather_rows, rank_and_size
 from pilot.data.transforms import PILOT_CROP_SCALE, Preprocessing
 from pilot.features import FeatureStore
 
@@ -78,6 +79,14 @@ class RunContext:
         The caller puts its modules in eval mode. ``desc`` names a progress bar; ``batch_size`` replaces
         ``eval_batch_size`` where the batches matter (batch-wise prompts).
         """
+        rank, size = rank_and_size()
+        if size > 1:  # under torchrun: this rank's share, then everyone's rows on every rank
+            shard = Split(split.part, split.source, split.indices[rank::size], split.labels[rank::size])
+            extra = None if extra is None else extra[rank::size]
+            return gather_rows(self._encode(encoder, shard, extra, desc, batch_size), len(split))
+        return self._encode(encoder, split, extra, desc, batch_size)
+
+    def _encode(self, encoder, split: Split, extra, desc: str, batch_size: Optional[int]) -> torch.Tensor:
         chunks = []
         batches = tqdm(self.eval_loader(split, batch_size=batch_size), desc=desc, leave=False, disable=not (desc and self.experiment.progress))
         for images, _, positions in batches:
@@ -112,10 +121,14 @@ class RunContext:
     def train_transform(self, crop_scale: tuple[float, float] = PILOT_CROP_SCALE):
         return self.preprocessing.train(crop_scale)
 
-    def train_loader(self, split: Split, batch_size: int, transform=None, drop_last: bool = False):
-        """Augmented (``train_transform()`` unless given), shuffled with the run's generator."""
+    def train_loader(self, split: Split, batch_size: int, transform=None, drop_last: bool = False,
+                     shard: bool = True):
+        """Augmented (``train_transform()`` unless given), shuffled with the run's generator. Under
+        torchrun each rank gets its slice of every global batch (``shard=False``: whole batches)."""
+        rank, size = rank_and_size() if shard else (0, 1)
         return make_loader(split, transform or self.train_transform(), batch_size, shuffle=True,
-                           num_workers=self.experiment.num_workers, generator=self.generator, drop_last=drop_last)
+                           num_workers=self.experiment.num_workers, generator=self.generator, drop_last=drop_last,
+                           shard=(rank, size))
 
     def eval_loader(self, split: Split, transform=None, batch_size: Optional[int] = None):
         """In split order, eval transform; draws from no generator, so evaluating never changes

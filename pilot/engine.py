@@ -21,15 +21,17 @@ from pilot.config import ExperimentConfig, RunConfig
 from pilot.context import Protocol, RunContext
 from pilot.data import TaskStream, load_dataset
 from pilot.data.transforms import Preprocessing
+from pilot.distributed import initialise, is_main, launched, local_device, rank_and_size
 from pilot.errors import PilotError
 from pilot.learners import learner_class
 from pilot.metrics import AccuracyMatrix
-from pilot.outputs import (TensorBoardScalars, atomic_torch_save, close_log, open_log, write_csv,
-                           write_json)
+from pilot.outputs import atomic_torch_save, close_log, open_log, write_csv, write_json
+from pilot.tracking import Trackers
 
 # Keys that change how a run is shown or stored, not what it computes: resume may differ in them.
 RESUME_FREE_KEYS = frozenset({"progress", "log_dir", "feature_cache_dir", "num_workers", "download", "data_path",
-                              "weights_dir", "pretrained_path"})
+                              "weights_dir", "pretrained_path", "mlflow", "mlflow_tracking_uri",
+                              "wandb", "wandb_project"})
 
 
 def resolve_device(requested: list[str]) -> torch.device:
@@ -80,7 +82,7 @@ def run_directory(experiment: ExperimentConfig, seed: int) -> Path:
 
 def check_run_directory(run_dir: Path, resume: bool) -> None:
     """Refuse to overwrite an unfinished run unless resuming; resuming nothing starts afresh."""
-    unfinished = (run_dir / "checkpoint.pt").is_file() and not _is_complete(run_dir)
+    unfinished = (run_dir / "checkpoint.pt").is_file() and not is_complete(run_dir)
     if unfinished and not resume:
         raise PilotError(
             f"'{run_dir}' holds the checkpoint of an unfinished run. Continue it with --resume, "
@@ -90,7 +92,7 @@ def check_run_directory(run_dir: Path, resume: bool) -> None:
         warnings.warn(f"--resume: no checkpoint in '{run_dir}', starting that run from the first task.", stacklevel=2)
 
 
-def _is_complete(run_dir: Path) -> bool:
+def is_complete(run_dir: Path) -> bool:
     try:
         return json.loads((run_dir / "results.json").read_text())["status"] == "complete"
     except (OSError, ValueError, KeyError):
@@ -125,7 +127,8 @@ class Run:
         exp = config.experiment
         self.seed = exp.seed[0]
         seed_everything(self.seed)
-        self.device = resolve_device(exp.device)
+        self.device = local_device(resolve_device(exp.device))
+        initialise(self.device)  # under torchrun: join the process group (gloo on CPUs, NCCL on GPUs)
         self.dataset = load_dataset(exp)
         self.stream = TaskStream(self.dataset, exp.init_cls, exp.increment, exp.shuffle, self.seed,
                                  exp.train_per_class, exp.test_per_class, exp.max_tasks)
@@ -163,19 +166,25 @@ class Run:
         return state["completed_tasks"]
 
     def execute(self) -> dict[str, Any]:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        log = self.ctx.log = open_log(self.run_dir, str(self.run_dir))
-        scalars = TensorBoardScalars(self.run_dir)
+        writer = is_main()  # under torchrun, rank 0 alone writes
+        if writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = self.ctx.log = open_log(self.run_dir, str(self.run_dir), to_file=writer)
+        scalars = Trackers(self.run_dir, self.config.experiment, self.config.to_flat_dict(), enabled=writer)
+        complete = False
         try:
             if self.start_task:
                 log.info(f"resuming after task {self.start_task} of {len(self.stream)}")
             log.info(f"run {self.run_dir}: {self.config.experiment.model_name} on {self.dataset.name}, "
-                     f"{len(self.stream)} tasks {self.stream.sizes}, seed {self.seed}, device {self.device}")
+                     f"{len(self.stream)} tasks {self.stream.sizes}, seed {self.seed}, device {self.device}"
+                     + (f", world size {rank_and_size()[1]} (torchrun)" if launched() else ""))
             for task in self.stream.tasks[self.start_task:]:
                 self._step(task, log, scalars)
-            return self._write_results(complete=True)
+            results = self._write_results(complete=True)
+            complete = True
+            return results
         finally:
-            scalars.close()
+            scalars.close(complete)
             close_log(log)
 
     def _step(self, task, log, scalars) -> None:
@@ -198,9 +207,10 @@ class Run:
         for name, value in report.items():
             log.info(f"task {task.index + 1} {name.replace('_', ' ')}: {value}")
         scalars.add(task.num_seen, {f"accuracy/{k}": v for k, v in summary.items()})
-        atomic_torch_save({"config": config_for_resume(self.config), "completed_tasks": task.index + 1,
-                           "learner": self.learner.state_dict(), "rng": rng_state(self.generator),
-                           "metrics": self.matrix.to_dict(), "rows": self.rows}, self.checkpoint_path)
+        if is_main():
+            atomic_torch_save({"config": config_for_resume(self.config), "completed_tasks": task.index + 1,
+                               "learner": self.learner.state_dict(), "rng": rng_state(self.generator),
+                               "metrics": self.matrix.to_dict(), "rows": self.rows}, self.checkpoint_path)
         self._write_results(complete=task.index + 1 == len(self.stream))
 
     def _evaluate(self, step: int) -> tuple[list[int], list[int]]:
@@ -244,8 +254,9 @@ class Run:
                         "encoded_images": self.ctx.encoded_images},
             "peak_memory": peak_memory_mb(self.device),
         }
-        write_json(self.run_dir / "results.json", results)
-        write_csv(self.run_dir / "metrics.csv", self.rows)
+        if is_main():
+            write_json(self.run_dir / "results.json", results)
+            write_csv(self.run_dir / "metrics.csv", self.rows)
         return results
 
 

@@ -3,10 +3,13 @@
 A frozen backbone maps a fixed (eval-transformed) image to a fixed vector, so the store keeps one
 row per image of each part (train/test) of the source dataset and encodes only the rows it has
 not seen. With ``cache_dir`` the rows also persist across runs, keyed by backbone, weights,
-transform and dataset.
+transform and dataset. The cache is safe with many concurrent runs (a sweep's): files are replaced
+atomically, so no reader sees a torn file, and a run encodes under a lock on the file after merging
+what others wrote, so each image is encoded once in all.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 from typing import Callable, Optional
@@ -14,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from pilot.data.stream import Split
+from pilot.distributed import any_rank, is_main, rank_and_size
 from pilot.outputs import atomic_torch_save
 
 
@@ -31,12 +35,23 @@ class FeatureStore:
 
     def __call__(self, split: Split) -> torch.Tensor:
         """Features ([len(split), D], float32, CPU) of the split's images, in split order."""
-        self._load_part(split)
-        known = self._known.get(split.part)
-        missing = torch.ones(len(split), dtype=torch.bool) if known is None else ~known[split.indices]
-        if missing.any():
-            self._encode_missing(split, missing)
+        if split.part not in self._rows:
+            self._merge_saved(split)
+        if rank_and_size()[1] > 1:  # torchrun: encoding is collective, so every rank encodes what any lacks
+            missing = any_rank(self._missing(split))
+            if missing.any():
+                self._encode_missing(split, missing)
+        elif self._missing(split).any():
+            with self._locked(split.part):
+                self._merge_saved(split)  # another run may have encoded them meanwhile
+                missing = self._missing(split)
+                if missing.any():
+                    self._encode_missing(split, missing)
         return self._rows[split.part][split.indices]
+
+    def _missing(self, split: Split) -> torch.Tensor:
+        known = self._known.get(split.part)
+        return torch.ones(len(split), dtype=torch.bool) if known is None else ~known[split.indices]
 
     def _encode_missing(self, split: Split, missing: torch.Tensor) -> None:
         keep = missing.numpy()
@@ -56,16 +71,42 @@ class FeatureStore:
         digest = hashlib.sha256(f"{self.key}|{part}".encode()).hexdigest()[:24]
         return self.cache_dir / f"features-{digest}.pt"
 
-    def _load_part(self, split: Split) -> None:
+    @contextlib.contextmanager
+    def _locked(self, part: str):
+        """An exclusive lock on the part's cache file while encoding (none without a cache or fcntl)."""
+        path = self._cache_file(part)
+        try:
+            import fcntl
+        except ImportError:
+            fcntl = None
+        if path is None or fcntl is None:
+            yield
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _merge_saved(self, split: Split) -> None:
+        """Add the rows the cache file knows and this store does not."""
         path = self._cache_file(split.part)
-        if split.part in self._rows or path is None or not path.is_file():
+        if path is None or not path.is_file():
             return
         saved = torch.load(path, map_location="cpu")
-        if saved.get("key") == self.key and saved["rows"].shape[0] == len(split.source):
+        if saved.get("key") != self.key or saved["rows"].shape[0] != len(split.source):
+            return
+        if split.part not in self._rows:
             self._rows[split.part], self._known[split.part] = saved["rows"], saved["known"]
+            return
+        new = saved["known"] & ~self._known[split.part]
+        self._rows[split.part][new] = saved["rows"][new]
+        self._known[split.part] |= new
 
     def _save_part(self, part: str) -> None:
         path = self._cache_file(part)
-        if path is not None:
+        if path is not None and is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_torch_save({"key": self.key, "rows": self._rows[part], "known": self._known[part]}, path)

@@ -64,8 +64,9 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def open_log(run_dir: Path, name: str) -> logging.Logger:
-    """A logger writing to ``run_dir/run.log`` and the console, one per run directory."""
+def open_log(run_dir: Path, name: str, to_file: bool = True) -> logging.Logger:
+    """A logger writing to ``run_dir/run.log`` and the console, one per run directory (``to_file=False``:
+    neither, for torchrun's other ranks)."""
     logger = logging.getLogger(f"pilot.run.{name}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -73,7 +74,8 @@ def open_log(run_dir: Path, name: str) -> logging.Logger:
         handler.close()
         logger.removeHandler(handler)
     formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for handler in (logging.FileHandler(run_dir / "run.log"), logging.StreamHandler()):
+    handlers = (logging.FileHandler(run_dir / "run.log"), logging.StreamHandler()) if to_file else (logging.NullHandler(),)
+    for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)
     return logger

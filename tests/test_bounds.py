@@ -56,3 +56,48 @@ def test_training_data_is_the_task_or_everything_seen(tmp_path, learner, monkeyp
 @pytest.mark.parametrize("learner", ["finetune", "joint"])
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, learner):
     assert_resume_matches_uninterrupted(lambda folder: bound_config(tmp_path / folder, learner))
+
+
+def pilot_finetune_by_hand(backbone, head, batches, known, settings, epochs):
+    """PILOT's finetune loop written out: one growing linear head over all seen classes, SGD over every
+    parameter, cross-entropy on the new classes' logits only (``logits[:, known:]``, targets - known)."""
+    params = list(backbone.parameters()) + list(head.parameters())
+    optimizer = torch.optim.SGD(params, lr=settings.init_lr, momentum=0.9, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, settings.milestones, settings.lr_decay)
+    backbone.train()
+    for _ in range(epochs):
+        for images, labels, _ in batches:
+            logits = head(backbone(images))
+            loss = torch.nn.functional.cross_entropy(logits[:, known:], labels - known)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+
+
+def test_finetune_trains_as_pilots_loop_written_out(tmp_path, monkeypatch):
+    """Two tasks (the first with its own rate, decay and milestone) on fixed batches: the backbone and the
+    head rows equal those of PILOT's loop by hand, so finetune's results are the method's, not a fault."""
+    import copy
+    run = Run(bound_config(tmp_path, "finetune", init_epoch=2, init_lr=0.05, init_milestones=[1],
+                           init_weight_decay=0.01, epochs=2, lrate=0.02, weight_decay=0.003))
+    learner, tasks = run.learner, run.stream.tasks[:2]
+    generator = torch.Generator().manual_seed(0)
+    batches = {t.index: [(torch.randn(4, 3, 32, 32, generator=generator),
+                          torch.tensor([t.classes.start + i % len(t.classes) for i in range(4)]), None)
+                         for _ in range(2)] for t in tasks}
+    monkeypatch.setattr(run.ctx, "train_loader", lambda split, *a, **k: batches[
+        next(t.index for t in tasks if int(split.labels[0]) in t.classes)])
+    backbone = copy.deepcopy(run.ctx.backbone)
+    heads = learner.net["heads"]
+    for task in tasks:
+        head = torch.nn.Linear(heads[0].in_features, task.num_seen)  # PILOT grows by copying the rows
+        with torch.no_grad():
+            head.weight.copy_(torch.cat([h.weight for h in heads[: task.index + 1]]))
+            head.bias.copy_(torch.cat([h.bias for h in heads[: task.index + 1]]))
+        learner.fit(task)
+        settings = learner.config.settings(task.index == 0)
+        pilot_finetune_by_hand(backbone, head, batches[task.index], task.num_old, settings, settings.tuned_epoch)
+        for (name, ours), theirs in zip(run.ctx.backbone.named_parameters(), backbone.parameters()):
+            torch.testing.assert_close(ours, theirs, msg=f"task {task.index}: {name}")
+        torch.testing.assert_close(torch.cat([h.weight for h in heads[: task.index + 1]]), head.weight)

@@ -38,6 +38,43 @@ def test_adapter_merge_equals_the_momentum_formula(tmp_path):
         assert all(torch.equal(v, before[k]) for k, v in adapters.state_dict().items())
 
 
+def test_official_merge_pulls_each_block_before_its_forward_and_all_before_the_step(tmp_path):
+    """``adapter_merge: "forward"``: the official loop pulls every block's adapter towards the anchor before
+    each block runs, then once after the step; so block k runs with k + 1 pulls, the step sees ``depth``."""
+    run = Run(mos_config(tmp_path, adapter_momentum=0.1, adapter_merge="forward"))
+    learner, generator, task = run.learner, torch.Generator().manual_seed(0), run.stream.tasks[2]
+    for _ in range(2):
+        set_values(learner.net["current"], generator)
+        learner.store_adapter()
+    set_values(learner.net["current"], generator)
+    learner.num_seen = task.num_seen
+    learner.begin_task(task)
+    start = {k: v.clone() for k, v in learner.net["current"].state_dict().items()}
+    pulled = lambda name, n: 0.9 ** n * start[name] + (1 - 0.9 ** n) * learner.anchor[name]
+    units, blocks = learner.net["current"].units, run.ctx.backbone.model.blocks
+    at_use = {}
+
+    def record(k):
+        at_use.setdefault(k, units[k].down.weight.clone())
+
+    for k, block in enumerate(blocks):
+        block.register_forward_pre_hook(lambda module, args, k=k: record(k))
+    before_step, pull_before_step = {}, learner.before_step
+    learner.before_step = lambda t: pull_before_step(t) or before_step.update(
+        {k: v.clone() for k, v in learner.net["current"].state_dict().items()},
+        grads={n: p.grad.clone() for n, p in learner.net["current"].named_parameters()})
+    parameters = [p for p in learner.trainable() if p.requires_grad]
+    images, labels, _ = next(iter(run.ctx.train_loader(task.train, 4)))
+    learner.train_step(images, labels, task, torch.optim.SGD(parameters, lr=0.1), parameters, 0.0)
+    for k in range(len(blocks)):
+        torch.testing.assert_close(at_use[k], pulled(f"units.{k}.down.weight", k + 1))
+    grads = before_step.pop("grads")
+    for name, value in learner.net["current"].state_dict().items():
+        torch.testing.assert_close(before_step[name], pulled(name, len(blocks)))
+        stepped = pulled(name, len(blocks)) - 0.1 * grads[name]
+        torch.testing.assert_close(value, 0.9 * stepped + 0.1 * learner.anchor[name])
+
+
 def retrieval_by_hand(first_guess, features, head, class_tasks, tasks_seen):
     """The official ``_eval_cnn`` loop, one image at a time."""
     outputs = []

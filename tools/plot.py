@@ -1,13 +1,13 @@
 """Plot finished (or running) runs: ``python tools/plot.py <run dirs...> [--out DIR]``.
 
-Writes accuracy_curve.png (accuracy vs classes seen, all runs overlaid), forgetting.png (per-task
+Writes accuracy_curve.png (accuracy vs classes seen, all runs overlaid), mean_curve.png (per
+learner and setting, the mean curve over seeds with a ±std band), forgetting.png (per-task
 forgetting at the last step, runs side by side) and accuracy_matrix_<run>.png (one heatmap per
 run). A directory argument may hold many runs: every results.json below it is used.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -17,21 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def find_runs(paths: list[str]) -> list[Path]:
-    found = []
-    for path in map(Path, paths):
-        if (path / "results.json").is_file():
-            found.append(path)
-        elif path.is_dir():
-            found += sorted(p.parent for p in path.rglob("results.json"))
-    return found
-
-
-def load_runs(paths: list[str]) -> tuple[list[Path], list[dict]]:
-    """The run directories under ``paths`` and their results.json contents."""
-    run_dirs = find_runs(paths)
-    return run_dirs, [json.loads((d / "results.json").read_text()) for d in run_dirs]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pilot.summary import group_key, load_runs  # noqa: E402
 
 
 def label(results: dict) -> str:
@@ -55,6 +42,28 @@ def plot_curves(runs: list[dict], out: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save(fig, out / "accuracy_curve.png")
+
+
+def plot_mean_curves(runs: list[dict], out: Path) -> Path:
+    """Per group of seeds (learner, dataset, protocol, backbone, setting): mean ± std (ddof 0) at each step."""
+    groups: dict[tuple, list[dict]] = {}
+    for results in runs:
+        groups.setdefault(group_key(results), []).append(results)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (learner, _, _, _, setting), members in sorted(groups.items()):
+        steps = min(r["completed_tasks"] for r in members)
+        curves = np.array([r["accuracy_curve"][:steps] for r in members])
+        mean, std = curves.mean(0), curves.std(0)
+        x = classes_seen(members[0])[:steps]
+        line, = ax.plot(x, mean, marker="o", markersize=3,
+                        label=f"{' '.join(filter(None, [learner, setting]))} ({len(members)} seeds, last "
+                              f"{mean[-1]:.2f} ± {std[-1]:.2f})")
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="classes seen", ylabel="top-1 accuracy on all seen classes (%)",
+           title="Mean accuracy over seeds, ± one standard deviation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, out / "mean_curve.png")
 
 
 def plot_forgetting(runs: list[dict], out: Path) -> Path:
@@ -107,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out) if args.out else run_dirs[0]
     out.mkdir(parents=True, exist_ok=True)
-    written = [plot_curves(runs, out), plot_forgetting(runs, out)]
+    written = [plot_curves(runs, out), plot_mean_curves(runs, out), plot_forgetting(runs, out)]
     names = [d.name if [x.name for x in run_dirs].count(d.name) == 1 else f"{i}_{d.name}" for i, d in enumerate(run_dirs)]
     written += [plot_matrix(r, out, n) for r, n in zip(runs, names)]
     for path in written:

@@ -46,6 +46,7 @@ ABLATIONS = {
     "torch's cosine annealing": (["coda_prompt"], {"scheduler": "cosine_annealing"}),
     "trained new head after merge": (["cofima"], {"new_head": "trained"}),
     "PILOT's FeCAM covariance": (["fecam"], {"pilot_covariance": True}),
+    "MOS's in-forward merge": (["mos"], {"adapter_merge": "forward"}),
 }
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from pilot.data.stream import Split
+from pilot.distributed import ShardedBatches
 
 
 class SplitDataset(Dataset):
@@ -26,9 +27,14 @@ class SplitDataset(Dataset):
 
 def make_loader(split: Split, transform: Callable, batch_size: int, shuffle: bool = False,
                 num_workers: int = 0, generator: Optional[torch.Generator] = None,
-                drop_last: bool = False) -> DataLoader:
-    return DataLoader(
-        SplitDataset(split, transform), batch_size=batch_size, shuffle=shuffle,
-        num_workers=num_workers, generator=generator, drop_last=drop_last,
-        persistent_workers=False, pin_memory=False,
-    )
+                drop_last: bool = False, shard: tuple[int, int] = (0, 1)) -> DataLoader:
+    """``shard`` (rank, size): this rank's slice of each batch; the batches, and what they draw from
+    ``generator``, are those of the single-process loader."""
+    dataset = SplitDataset(split, transform)
+    if shard[1] == 1:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                          generator=generator, drop_last=drop_last, persistent_workers=False, pin_memory=False)
+    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    batches = ShardedBatches(BatchSampler(sampler, batch_size, drop_last), *shard)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=generator,
+                      persistent_workers=False, pin_memory=False)

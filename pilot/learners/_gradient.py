@@ -2,7 +2,7 @@
 
 A subclass says what is different about its method: which modules train (``trainable``), the
 logits (and any extra loss) of a training batch, and the logits of an evaluation batch; named
-hooks (``begin_task``, ``begin_epoch``, ``param_groups``, ``after_step``, ``end_task``) add what
+hooks (``begin_task``, ``begin_epoch``, ``param_groups``, ``before_step``, ``after_step``, ``end_task``) add what
 happens around them. The template owns the optimiser and schedule (PILOT's keys), the epoch loop,
 masking of the logits of classes outside the current task, gradient clipping, mixed precision and
 evaluation. ``fit_on_features`` is the small loop for heads trained on batches of features.
@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from pilot.config import LearnerConfig
 from pilot.data.stream import Split, Task
+from pilot.distributed import average_gradients
 from pilot.errors import PilotError
 from pilot.learners._base import Learner
 
@@ -97,10 +98,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, cosine
 
 
 def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: Iterable[nn.Parameter] = (),
-            clip_grad: float = 0.0) -> float:
-    """One optimiser step on ``loss``, clipping the gradient norm of ``clip`` to ``clip_grad`` (0 = off)."""
+            clip_grad: float = 0.0, after_backward: Callable[[], None] = lambda: None) -> float:
+    """One optimiser step on ``loss``, clipping the gradient norm of ``clip`` to ``clip_grad`` (0 = off);
+    ``after_backward`` runs between the backward pass and the clipping (gradient averaging, hooks)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    after_backward()
     if clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(clip, clip_grad)
     optimizer.step()
@@ -185,6 +188,10 @@ class GradientLearner(Learner):
         """What the task's optimiser gets: the parameters, or groups with their own ``lr`` (SLCA's slow backbone)."""
         return parameters
 
+    def before_step(self, task: Task) -> None:
+        """After the backward pass (gradients averaged over ranks), before clipping and the optimiser step
+        (e.g. MOS's official in-forward merge)."""
+
     def after_step(self, task: Task) -> None:
         """After each optimiser step (e.g. LAE's EMA of the online module)."""
 
@@ -226,7 +233,12 @@ class GradientLearner(Learner):
             logits, extra = self.train_outputs(images, labels, task)
         if self.mask_old_classes:
             logits = mask_to_task(logits.float(), task)
-        loss = descend(optimizer, F.cross_entropy(logits.float(), labels) + extra, parameters, clip_grad)
+        def after_backward():
+            average_gradients(parameters, len(labels))  # under torchrun: the whole global batch's gradient
+            self.before_step(task)
+
+        loss = descend(optimizer, F.cross_entropy(logits.float(), labels) + extra, parameters, clip_grad,
+                       after_backward)
         self.after_step(task)
         return loss
 

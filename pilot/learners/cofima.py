@@ -86,7 +86,7 @@ class CoFiMA(SLCA):
         """Diagonal Fisher of the trained model (backbone, trained heads) on the task's augmented training data,
         in train mode, as the official ``getFisherDiagonal``."""
         model = self.model(self.seen_heads(self.net["heads"]))
-        loader = self.ctx.train_loader(task.train, self.config.batch_size, self.train_transform())
+        loader = self.ctx.train_loader(task.train, self.config.batch_size, self.train_transform(), shard=False)
         batches = ((images.to(self.ctx.device), labels.to(self.ctx.device)) for images, labels, _ in loader)
 
         def loss(network: nn.ModuleDict, batch) -> torch.Tensor:

@@ -8,10 +8,14 @@ cosine prototypes guess the task, then the head on that task's adapter features 
 4 rounds; ``ensemble`` adds the first guess's softmax.
 
 Settings and mechanisms as the official code (sun-hailong/AAAI25-MOS, identical to PILOT's
-``models/mos.py``), with one departure: the official code applies the momentum merge in place inside
-every block of every forward pass (13 times per training step, and to stored adapters at test time,
-so they drift with the number of test batches); pilot merges once after each step and keeps stored
-adapters as they were stored.
+``models/mos.py``), with one departure by default: the official code applies the momentum merge in
+place before every block of every forward pass as well as after the step (13 pulls per training step
+on a 12-block ViT); pilot merges once after each step, as the paper's Eq. (3) reads
+(``adapter_merge: "step"``). ``adapter_merge: "forward"`` is the official training: before its
+block's forward, the adapter of block k has been pulled k + 1 times that step, and all of them
+``depth`` times before the optimiser step. Not reproduced in either mode: the official code also pulls
+the current adapter during its statistics pass and the stored adapters at every test forward, so its
+statistics and test features depend on the number of batches; pilot keeps stored adapters as stored.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from pilot.modules.heads import PrototypeClassifier
 from pilot.modules.merge import average, ema_update
 
 STORAGE = ("covariance", "variance", "multi-centroid")
+MERGES = ("step", "forward")
 ORTHOGONALITY_TEMPERATURE = 0.8  # official orth_loss
 RETRIEVAL_ROUNDS = 4  # official MAX_ITER of the self-refined retrieval
 CA_SAMPLE_FACTOR = 5  # official num_sampled_pcls = batch_size * 5
@@ -53,6 +58,7 @@ class MOSConfig(TrainConfig):
     init_lr_decay: float = 0.1
     ffn_num: int = 16  # adapter bottleneck
     adapter_momentum: float = 0.1  # pull towards the earlier adapters' mean after each step (0: none)
+    adapter_merge: str = "step"  # "step": once after each step (paper); "forward": also in every block (official)
     reg: float = 0.1  # weight of the orthogonality loss
     crct_epochs: int = 30  # classifier alignment epochs (0: none)
     ca_lr: float = 0.005
@@ -87,6 +93,8 @@ class MOS(GradientLearner):
         if config.ca_storage_efficient_method not in STORAGE:
             raise PilotError(f"ca_storage_efficient_method must be one of {', '.join(STORAGE)}, got "
                              f"'{config.ca_storage_efficient_method}'.")
+        if config.adapter_merge not in MERGES:
+            raise PilotError(f"adapter_merge must be one of {', '.join(MERGES)}, got '{config.adapter_merge}'.")
         if not 0 <= config.adapter_momentum <= 1 or config.ffn_num < 1 or config.n_centroids < 1:
             raise PilotError("adapter_momentum must lie in [0, 1], ffn_num and n_centroids be >= 1.")
         if config.crct_epochs < 0 or config.ca_lr <= 0 or config.reg < 0:
@@ -136,6 +144,8 @@ class MOS(GradientLearner):
         self.encoder(self.net["current"]).train(training)
 
     def train_outputs(self, images: torch.Tensor, labels: torch.Tensor, task: Task):
+        if self.merges_in_forward:
+            self.pull_units(lambda block: block + 1)
         features = self.encoder(self.net["current"])(images)
         logits = self.net["head"](features)[:, : self.num_seen]
         return logits, self.config.reg * self.orthogonality_loss(features)
@@ -147,10 +157,28 @@ class MOS(GradientLearner):
         similarity = rows @ rows.T / ORTHOGONALITY_TEMPERATURE
         return F.cross_entropy(similarity, torch.arange(len(rows), device=rows.device))
 
-    @torch.no_grad()
+    @property
+    def merges_in_forward(self) -> bool:
+        return self.anchor is not None and self.config.adapter_merge == "forward"
+
+    def before_step(self, task: Task) -> None:
+        if self.merges_in_forward:  # the official pulls that follow each block's use, within the same forward
+            depth = len(self.net["current"].units)
+            self.pull_units(lambda block: depth - 1 - block)
+
     def after_step(self, task: Task) -> None:
         if self.anchor is not None:
-            ema_update(self.net["current"], self.anchor, 1 - self.config.adapter_momentum)
+            self.pull_units(lambda block: 1)
+
+    @torch.no_grad()
+    def pull_units(self, pulls) -> None:
+        """Pull each block's current adapter ``pulls(block)`` times towards the anchor: n momentum merges
+        towards a fixed anchor are one with the weight kept ``(1 - momentum) ** n``."""
+        kept = 1 - self.config.adapter_momentum
+        for block, unit in enumerate(self.net["current"].units):
+            prefix = f"units.{block}."
+            anchor = {name[len(prefix):]: value for name, value in self.anchor.items() if name.startswith(prefix)}
+            ema_update(unit, anchor, kept ** pulls(block))
 
     # --- after training: statistics, alignment, retrieval prototypes ---------------------------
 

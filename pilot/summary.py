@@ -1,0 +1,129 @@
+"""Tables over runs: ``pilot summarize <run dirs, folders of runs, or sweep dirs>``.
+
+One row per (learner, dataset, protocol, backbone, setting) with the mean ± standard deviation over
+its seeds of Ā, last accuracy and forgetting, as Markdown (printed), CSV and LaTeX. The setting is
+the run's ``prefix``, where a sweep writes its grid point. Standard deviations are NumPy's default
+(population, ddof 0), as printed under every table.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+METRICS = (("average_incremental_accuracy", "Ā"), ("last_accuracy", "last"), ("forgetting", "forgetting"))
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    """Run directories: each path that holds results.json, every one below a folder, a sweep's runs."""
+    found = []
+    for path in map(Path, paths):
+        if (path / "results.json").is_file():
+            found.append(path)
+        elif (path / "sweep.json").is_file():
+            found += [Path(d) for d in json.loads((path / "sweep.json").read_text())["run_dirs"]
+                      if (Path(d) / "results.json").is_file()]
+        elif path.is_dir():
+            found += sorted(p.parent for p in path.rglob("results.json"))
+    return list(dict.fromkeys(found))
+
+
+def load_runs(paths: list[str]) -> tuple[list[Path], list[dict]]:
+    """The run directories under ``paths`` and their results.json contents."""
+    run_dirs = find_runs(paths)
+    return run_dirs, [json.loads((d / "results.json").read_text()) for d in run_dirs]
+
+
+def protocol(config: dict) -> str:
+    """B<base> Inc<increment>, and the subset and task limit where the run used them."""
+    base = 0 if config["init_cls"] == config["increment"] else config["init_cls"]
+    parts = [f"B{base} Inc{config['increment']}"]
+    if config.get("train_per_class") or config.get("test_per_class"):
+        parts.append(f"{config.get('train_per_class') or 'all'}/{config.get('test_per_class') or 'all'} per class")
+    if config.get("max_tasks"):
+        parts.append(f"{config['max_tasks']} tasks")
+    return ", ".join(parts)
+
+
+def group_key(results: dict) -> tuple[str, str, str, str, str]:
+    config = results["config"]
+    return (config["model_name"], config["dataset"], protocol(config), config["backbone_type"],
+            config.get("prefix", "").strip())
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per group of complete runs: seeds, then mean and std of each metric (None where undefined)."""
+    groups = defaultdict(list)
+    for results in runs:
+        if results.get("status") == "complete":
+            groups[group_key(results)].append(results)
+    rows = []
+    for (learner, dataset, proto, backbone, setting), members in sorted(groups.items()):
+        row = {"learner": learner, "dataset": dataset, "protocol": proto, "backbone": backbone,
+               "setting": setting, "seeds": sorted(r["seed"] for r in members)}
+        for key, _ in METRICS:
+            values = [r[key] for r in members if r[key] is not None]
+            row[key] = (float(np.mean(values)), float(np.std(values))) if values else None
+        rows.append(row)
+    return rows
+
+
+def _cell(value: Optional[tuple[float, float]], plus_minus: str = "±") -> str:
+    return "-" if value is None else f"{value[0]:.2f} {plus_minus} {value[1]:.2f}"
+
+
+COLUMNS = ["learner", "dataset", "protocol", "backbone", "setting", "seeds"]
+
+
+def markdown(rows: list[dict]) -> str:
+    header = COLUMNS + [name for _, name in METRICS]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for row in rows:
+        cells = [str(row[c]) for c in COLUMNS[:-1]] + [str(len(row["seeds"]))]
+        lines.append("| " + " | ".join(cells + [_cell(row[key]) for key, _ in METRICS]) + " |")
+    return "\n".join(lines) + "\n\nmean ± std over seeds (NumPy's std, ddof 0)\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(COLUMNS + [f"{key}_{stat}" for key, _ in METRICS for stat in ("mean", "std")])
+    for row in rows:
+        stats = [x for key, _ in METRICS for x in (row[key] or ("", ""))]
+        writer.writerow([row[c] for c in COLUMNS[:-1]] + [" ".join(map(str, row["seeds"]))] + stats)
+    return buffer.getvalue()
+
+
+def _latex_escape(text: str) -> str:
+    return "".join("\\" + char if char in "&%$#_{}" else char for char in text)
+
+
+def latex(rows: list[dict]) -> str:
+    lines = [r"\begin{tabular}{lllllr" + "c" * len(METRICS) + "}", r"\toprule",
+             " & ".join(["Learner", "Dataset", "Protocol", "Backbone", "Setting", "Seeds"]
+                        + [r"$\bar{A}$", "Last", "Forgetting"]) + r" \\", r"\midrule"]
+    for row in rows:
+        cells = [_latex_escape(str(row[c])) for c in COLUMNS[:-1]] + [str(len(row["seeds"]))]
+        cells += ["-" if row[key] is None else f"${row[key][0]:.2f} \\pm {row[key][1]:.2f}$" for key, _ in METRICS]
+        lines.append(" & ".join(cells) + r" \\")
+    return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
+
+
+def run_table(runs: list[dict]) -> str:
+    """One row per run: its curve and metrics, train and eval seconds, peak host memory."""
+    lines = ["| learner | setting | seed | accuracy after each task (%) | Ā | last | forgetting | train s | eval s "
+             "| peak RSS MB |", "|---" * 10 + "|"]
+    for results in runs:
+        config, timings = results["config"], results["timings"]
+        curve = ", ".join(f"{a:.1f}" for a in results["accuracy_curve"])
+        forgetting = results["forgetting"]
+        lines.append(f"| {config['model_name']} | {config.get('prefix', '').strip()} | {results['seed']} | {curve} | "
+                     f"{results['average_incremental_accuracy']:.2f} | {results['last_accuracy']:.2f} | "
+                     f"{'-' if forgetting is None else f'{forgetting:.2f}'} | {timings['train_seconds']:.0f} | "
+                     f"{timings['eval_seconds']:.0f} | {results['peak_memory']['host_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
