@@ -15,8 +15,8 @@ from pilot.backbones import Backbone
 from pilot.config import ExperimentConfig
 from pilot.data import SourceDataset, Split, TaskStream
 from pilot.data.loader import make_loader
-from pilot.distributed import gather_rows, rank_and_size
 from pilot.data.transforms import PILOT_CROP_SCALE, Preprocessing
+from pilot.distributed import gather_rows, rank_and_size
 from pilot.features import FeatureStore
 
 

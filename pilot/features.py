@@ -16,6 +16,11 @@ from typing import Callable, Optional
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: atomic replacement still keeps every file whole
+    fcntl = None
+
 from pilot.data.stream import Split
 from pilot.distributed import any_rank, is_main, rank_and_size
 from pilot.outputs import atomic_torch_save
@@ -37,14 +42,13 @@ class FeatureStore:
         """Features ([len(split), D], float32, CPU) of the split's images, in split order."""
         if split.part not in self._rows:
             self._merge_saved(split)
-        if rank_and_size()[1] > 1:  # torchrun: encoding is collective, so every rank encodes what any lacks
-            missing = any_rank(self._missing(split))
-            if missing.any():
-                self._encode_missing(split, missing)
-        elif self._missing(split).any():
-            with self._locked(split.part):
-                self._merge_saved(split)  # another run may have encoded them meanwhile
-                missing = self._missing(split)
+        missing = any_rank(self._missing(split))  # torchrun: encoding is collective, every rank encodes what any lacks
+        solo = rank_and_size()[1] == 1
+        if missing.any():
+            with self._locked(split.part) if solo else contextlib.nullcontext():
+                if solo:
+                    self._merge_saved(split)  # another run may have encoded them meanwhile
+                    missing = self._missing(split)
                 if missing.any():
                     self._encode_missing(split, missing)
         return self._rows[split.part][split.indices]
@@ -75,10 +79,6 @@ class FeatureStore:
     def _locked(self, part: str):
         """An exclusive lock on the part's cache file while encoding (none without a cache or fcntl)."""
         path = self._cache_file(part)
-        try:
-            import fcntl
-        except ImportError:
-            fcntl = None
         if path is None or fcntl is None:
             yield
             return

@@ -87,6 +87,11 @@ def close_log(logger: logging.Logger) -> None:
         logger.removeHandler(handler)
 
 
+def finite_scalars(values: dict[str, Any]) -> dict[str, float]:
+    """The numeric, non-NaN entries: what scalar trackers can log."""
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not math.isnan(v)}
+
+
 class TensorBoardScalars:
     """Per-task scalars under ``run_dir/tensorboard``; optional if tensorboard is missing."""
 
@@ -101,9 +106,8 @@ class TensorBoardScalars:
     def add(self, step: int, values: dict[str, float]) -> None:
         if self.writer is None:
             return
-        for name, value in values.items():
-            if isinstance(value, (int, float)) and not math.isnan(value):
-                self.writer.add_scalar(name, value, step)
+        for name, value in finite_scalars(values).items():
+            self.writer.add_scalar(name, value, step)
         self.writer.flush()
 
     def close(self) -> None:

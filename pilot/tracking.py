@@ -7,19 +7,15 @@ resumed run continues its tracker run.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from pilot.errors import PilotError
-from pilot.outputs import TensorBoardScalars
+from pilot.outputs import TensorBoardScalars, finite_scalars
 
 RUN_DIR_TAG = "pilot.run_dir"
-
-
-def _finite(values: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not math.isnan(v)}
 
 
 def _require(module: str, install: str):
@@ -55,10 +51,9 @@ class MLflowTracker:
 
     def add(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in _finite(values).items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in finite_scalars(values).items()])
 
     def close(self, complete: bool) -> None:
         self.client.set_terminated(self.run_id, "FINISHED" if complete else "KILLED")
@@ -74,7 +69,7 @@ class WandbTracker:
                               resume="allow", reinit="create_new")
 
     def add(self, step: int, values: dict[str, float]) -> None:
-        self.run.log(_finite(values), step=step)
+        self.run.log(finite_scalars(values), step=step)
 
     def close(self, complete: bool) -> None:
         self.run.finish(exit_code=0 if complete else 1)
