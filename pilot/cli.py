@@ -1,9 +1,14 @@
 """Command line: ``pilot --config exps/simplecil.json [--set key=value ...] [--resume]`` runs a config;
-``pilot sweep`` runs its seeds times a grid (on Ray when installed); ``pilot summarize`` tables runs."""
+``pilot sweep`` runs its seeds times a grid (on Ray when installed); ``pilot summarize`` tables runs;
+``pilot evaluate`` scores a run's last checkpoint again.
+
+Errors: a user's (``PilotError``) is one paragraph, no traceback, exit 2; a bug's comes with its
+traceback, exit 1."""
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 import warnings
 
 from pilot.errors import PilotError
@@ -12,14 +17,16 @@ EPILOG = """\
 examples:
   pilot --config exps/quickstart.json
   pilot --config exps/simplecil.json --set seed=[1993,1994] --set train_per_class=20
-  pilot --config exps/simplecil.json --resume        # continue a run that was killed
+  pilot --config exps/simplecil.json --resume        # continue a run that was killed or failed
 
-Each seed's run writes results.json, metrics.csv, run.log, tensorboard/ and checkpoint.pt under
-<log_dir>/<model_name>/<dataset>/<init_cls or 0>/<increment>/<prefix>_<seed>_<backbone>/.
+Each seed's run writes results.json, metrics.csv, run.log, tensorboard/ and checkpoint.safetensors
+under <log_dir>/<model_name>/<dataset>/<init_cls or 0>/<increment>/<prefix>_<seed>_<backbone>/.
+A failed run's results.json says "status": "failed" and why; its checkpoint is kept for --resume.
 Plot runs with: python tools/plot.py <run dirs...>
 
   pilot sweep --config exps/simplecil_p0.json --config exps/ranpac_p0.json --set seed=[1,2,3]
   pilot summarize logs/            # mean ± std over seeds: Markdown, --csv, --latex
+  pilot evaluate <run dir> --data-path shifted/   # the run's last checkpoint on another test set
 """
 
 SWEEP_EPILOG = """Each run of the cross product of each config's seeds and the grid gets its own run directory (the
@@ -40,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
                    help="override a config key; VALUE is parsed as JSON when it can be (repeatable)")
     p.add_argument("--resume", action="store_true",
                    help="continue each seed's run from its last checkpoint (the config must be unchanged)")
+    p.add_argument("--restart", action="store_true",
+                   help="start each seed's run over, discarding the checkpoint and results it left")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -116,7 +125,32 @@ def run_summarize(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"sweep": run_sweep, "summarize": run_summarize}
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pilot evaluate",
+                                description="Evaluate a run's last checkpoint again on the test images of the tasks "
+                                            "it learnt; writes evaluation.json, never results.json.")
+    p.add_argument("run_dir", help="a run's directory (holding checkpoint.safetensors)")
+    p.add_argument("--dataset", help="another dataset with the same classes (e.g. folder)")
+    p.add_argument("--data-path", help="where that dataset is, e.g. a corrupted copy of the test set (only test/ "
+                                       "is needed for an image folder)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. test_per_class=0, device=[\"0\"], weights_dir=... (repeatable)")
+    p.add_argument("--output", help="where to write the evaluation (default: <run dir>/evaluation.json)")
+    return p
+
+
+def run_evaluate(argv: list[str]) -> int:
+    from pilot.config import parse_override
+    from pilot.evaluate import evaluate_run, report
+
+    args = evaluate_parser().parse_args(argv)
+    overrides = dict(parse_override(text) for text in args.overrides)
+    overrides.update({k: v for k, v in (("dataset", args.dataset), ("data_path", args.data_path)) if v})
+    print(report(evaluate_run(args.run_dir, overrides, args.output)))
+    return 0
+
+
+SUBCOMMANDS = {"sweep": run_sweep, "summarize": run_summarize, "evaluate": run_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
         overrides = args.overrides + (["progress=false"] if args.quiet else [])
         config = load_config(args.config, overrides)
-        for result in run_experiment(config, resume=args.resume):
+        for result in run_experiment(config, resume=args.resume, restart=args.restart):
             print(summary_line(result))
     except PilotError as err:
         print(f"pilot: error: {err}", file=sys.stderr)
@@ -139,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pilot: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    except Exception:  # a bug, not the user's input: its traceback is what a report needs
+        traceback.print_exc()
+        print("pilot: internal error: the traceback above is a bug in pilot or in a learner, not a fault of the "
+              "input; please report it. A run that had started recorded it in its results.json, and --resume "
+              "continues from its last checkpoint.", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,5 +1,11 @@
 """The one task-stream loop shared by every learner: build, fit task by task, evaluate, record,
-checkpoint; resume from the last checkpoint."""
+checkpoint; resume from the last checkpoint.
+
+A run holds its directory's lock while it writes there. A run that fails leaves results.json with
+``"status": "failed"`` (the error, and the metrics of the tasks it completed) and its last checkpoint
+intact, so that ``--resume`` continues after the fix. Checkpoints are state files
+(``pilot.statefile``): loading one runs no code.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +13,9 @@ import json
 import platform
 import random
 import resource
+import shutil
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,9 +32,19 @@ from pilot.data.transforms import Preprocessing
 from pilot.distributed import initialise, is_main, launched, local_device, rank_and_size
 from pilot.errors import PilotError
 from pilot.learners import learner_class
+from pilot.learners._base import require_finite
 from pilot.metrics import AccuracyMatrix
-from pilot.outputs import atomic_torch_save, close_log, open_log, write_csv, write_json
+from pilot.outputs import close_log, open_log, remove_temporaries, write_csv, write_json
+from pilot.runlock import run_lock
+from pilot.statefile import UnreadableState, load_state, save_state
 from pilot.tracking import Trackers
+
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_KIND = "pilot-checkpoint/2"
+# Checkpoints of pilot 0.1: pickles, which this version never loads (unpickling can run code).
+LEGACY_CHECKPOINT = "checkpoint.pt"
+# What a run writes in its directory: --restart removes these before the run starts again.
+RUN_OUTPUTS = (CHECKPOINT, LEGACY_CHECKPOINT, "results.json", "metrics.csv", "run.log", "evaluation.json", "tensorboard")
 
 # Keys that change how a run is shown or stored, not what it computes: resume may differ in them.
 RESUME_FREE_KEYS = frozenset({"progress", "log_dir", "feature_cache_dir", "num_workers", "download", "data_path",
@@ -80,15 +98,23 @@ def run_directory(experiment: ExperimentConfig, seed: int) -> Path:
     return Path(experiment.log_dir) / experiment.model_name / experiment.dataset / str(base) / str(experiment.increment) / name
 
 
-def check_run_directory(run_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite an unfinished run unless resuming; resuming nothing starts afresh."""
-    unfinished = (run_dir / "checkpoint.pt").is_file() and not is_complete(run_dir)
+def check_run_directory(run_dir: Path, resume: bool, restart: bool = False) -> None:
+    """Refuse to overwrite an unfinished run unless resuming or restarting; resuming nothing starts afresh."""
+    if restart:
+        return
+    if (run_dir / LEGACY_CHECKPOINT).is_file() and not (run_dir / CHECKPOINT).is_file() and not is_complete(run_dir):
+        raise PilotError(
+            f"'{run_dir / LEGACY_CHECKPOINT}' is the checkpoint of an earlier pilot version, a pickle, which this "
+            f"version never loads (unpickling a file can run code). Start the run over with --restart, or finish "
+            f"it with the pilot version that wrote it."
+        )
+    unfinished = (run_dir / CHECKPOINT).is_file() and not is_complete(run_dir)
     if unfinished and not resume:
         raise PilotError(
-            f"'{run_dir}' holds the checkpoint of an unfinished run. Continue it with --resume, "
-            f"or delete that folder (or set another \"prefix\") to start over."
+            f"'{run_dir}' holds the checkpoint of an unfinished run. Continue it with --resume, start it over "
+            f"with --restart, or set another \"prefix\"."
         )
-    if resume and not (run_dir / "checkpoint.pt").is_file():
+    if resume and not (run_dir / CHECKPOINT).is_file():
         warnings.warn(f"--resume: no checkpoint in '{run_dir}', starting that run from the first task.", stacklevel=2)
 
 
@@ -120,18 +146,22 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
 
 
 class Run:
-    """One seed's run: everything is built and checked before anything is written."""
+    """One seed's run: everything is built and checked before anything is written.
 
-    def __init__(self, config: RunConfig, resume: bool = False):
+    ``parts`` are the dataset's parts to load and check (``pilot evaluate`` needs only "test").
+    """
+
+    def __init__(self, config: RunConfig, resume: bool = False, restart: bool = False,
+                 parts: tuple[str, ...] = ("train", "test")):
         self.config = config
         exp = config.experiment
         self.seed = exp.seed[0]
         seed_everything(self.seed)
         self.device = local_device(resolve_device(exp.device))
         initialise(self.device)  # under torchrun: join the process group (gloo on CPUs, NCCL on GPUs)
-        self.dataset = load_dataset(exp)
+        self.dataset = load_dataset(exp, parts)
         self.stream = TaskStream(self.dataset, exp.init_cls, exp.increment, exp.shuffle, self.seed,
-                                 exp.train_per_class, exp.test_per_class, exp.max_tasks)
+                                 exp.train_per_class, exp.test_per_class, exp.max_tasks, checked=parts)
         backbone = create_backbone(exp.backbone_type, exp.pretrained, exp.pretrained_path, exp.weights_dir,
                                    self.seed, **exp.backbone_args)
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -143,13 +173,24 @@ class Run:
                               self.generator, preprocessing)
         self.learner = learner_cls(config.learner, self.ctx)
         self.run_dir = run_directory(exp, self.seed)
-        self.checkpoint_path = self.run_dir / "checkpoint.pt"
+        self.checkpoint_path = self.run_dir / CHECKPOINT
+        self.restart = restart
         self.matrix = AccuracyMatrix()
         self.rows: list[dict] = []
-        self.start_task = self._resume() if resume and self.checkpoint_path.is_file() else 0
+        self.current_task = 0
+        self.start_task = self._resume() if resume and not restart and self.checkpoint_path.is_file() else 0
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def read_checkpoint(self) -> dict[str, Any]:
+        try:
+            return load_state(self.checkpoint_path, CHECKPOINT_KIND)
+        except UnreadableState as err:
+            raise PilotError(f"Cannot use the checkpoint: {err} Start this run over with --restart (which discards "
+                             f"its checkpoint and results), or put back an intact copy of the file.") from None
 
     def _resume(self) -> int:
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        state = self.read_checkpoint()
         current = config_for_resume(self.config)
         saved = state["config"]
         changed = sorted(k for k in set(current) | set(saved) if current.get(k) != saved.get(k))
@@ -157,41 +198,89 @@ class Run:
             details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in changed)
             raise PilotError(
                 f"Cannot resume '{self.run_dir}': the config differs from the checkpoint's ({details}). "
-                f"Resume with the same config, or start a new run without --resume."
+                f"Resume with the same config, or start the run over with --restart."
             )
-        self.learner.load_state_dict(state["learner"])
-        restore_rng_state(state["rng"], self.generator)
-        self.matrix = AccuracyMatrix(**state["metrics"])
-        self.rows = state["rows"]
-        return state["completed_tasks"]
+        return self.restore(state)
+
+    def restore(self, state: dict[str, Any]) -> int:
+        """Learner, RNG and metrics as the checkpoint ``state`` holds them; returns the tasks it completed."""
+        try:
+            self.learner.load_state_dict(state["learner"])
+            restore_rng_state(state["rng"], self.generator)
+            self.matrix = AccuracyMatrix(**state["metrics"])
+            self.rows = state["rows"]
+            return state["completed_tasks"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise PilotError(f"'{self.checkpoint_path}' does not fit this run's {self.config.experiment.model_name} "
+                             f"({type(err).__name__}: {err}): it was written by another pilot version or edited. "
+                             f"Start the run over with --restart.") from None
+
+    def _save_checkpoint(self, completed_tasks: int) -> None:
+        save_state(self.checkpoint_path, {
+            "config": config_for_resume(self.config), "run_config": self.config.to_flat_dict(),
+            "class_names": self.dataset.class_names, "completed_tasks": completed_tasks,
+            "learner": self.learner.state_dict(), "rng": rng_state(self.generator),
+            "metrics": self.matrix.to_dict(), "rows": self.rows}, CHECKPOINT_KIND)
+
+    # --- the loop ------------------------------------------------------------------------------
 
     def execute(self) -> dict[str, Any]:
         writer = is_main()  # under torchrun, rank 0 alone writes
-        if writer:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        log = self.ctx.log = open_log(self.run_dir, str(self.run_dir), to_file=writer)
-        scalars = Trackers(self.run_dir, self.config.experiment, self.config.to_flat_dict(), enabled=writer)
-        complete = False
-        try:
-            if self.start_task:
-                log.info(f"resuming after task {self.start_task} of {len(self.stream)}")
-            log.info(f"run {self.run_dir}: {self.config.experiment.model_name} on {self.dataset.name}, "
-                     f"{len(self.stream)} tasks {self.stream.sizes}, seed {self.seed}, device {self.device}"
-                     + (f", world size {rank_and_size()[1]} (torchrun)" if launched() else ""))
-            for task in self.stream.tasks[self.start_task:]:
-                self._step(task, log, scalars)
-            results = self._write_results(complete=True)
-            complete = True
-            return results
-        finally:
-            scalars.close(complete)
-            close_log(log)
+        with run_lock(self.run_dir) if writer else contextlib.nullcontext():
+            if writer:
+                self._clear_directory()
+            log = self.ctx.log = open_log(self.run_dir, str(self.run_dir), to_file=writer)
+            scalars = Trackers(self.run_dir, self.config.experiment, self.config.to_flat_dict(), enabled=writer)
+            complete = False
+            try:
+                if self.start_task:
+                    log.info(f"resuming after task {self.start_task} of {len(self.stream)}")
+                log.info(f"run {self.run_dir}: {self.config.experiment.model_name} on {self.dataset.name}, "
+                         f"{len(self.stream)} tasks {self.stream.sizes}, seed {self.seed}, device {self.device}"
+                         + (f", world size {rank_and_size()[1]} (torchrun)" if launched() else ""))
+                for task in self.stream.tasks[self.start_task:]:
+                    self.current_task = task.index
+                    self._step(task, log, scalars)
+                results = self._write_results("complete")
+                complete = True
+                return results
+            except BaseException as err:
+                self._record_failure(err, log)
+                raise
+            finally:
+                scalars.close(complete)
+                close_log(log)
+
+    def _clear_directory(self) -> None:
+        """Temporary files of a killed writer go; with ``restart``, so do the previous run's outputs."""
+        remove_temporaries(self.run_dir)
+        if not self.restart:
+            return
+        for name in RUN_OUTPUTS:
+            path = self.run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+    def _record_failure(self, err: BaseException, log) -> None:
+        """results.json says the run failed (or was interrupted), why, and what it completed; the
+        checkpoint of the last completed task stays as it is, for --resume."""
+        status = "failed" if isinstance(err, Exception) else "interrupted"
+        error = {"type": type(err).__name__, "message": str(err), "task": self.current_task + 1,
+                 "user_fault": isinstance(err, PilotError)}
+        if status == "failed" and not error["user_fault"]:
+            error["traceback"] = traceback.format_exc()
+        log.error(f"run {status} in task {self.current_task + 1}: {type(err).__name__}: {err}")
+        if is_main():
+            with contextlib.suppress(PilotError):  # the disk may be what failed: the previous record stays
+                self._write_results(status, error)
 
     def _step(self, task, log, scalars) -> None:
         started = time.perf_counter()
         self.learner.fit(task)
         trained = time.perf_counter()
-        correct, total = self._evaluate(task.index)
+        correct, total = self.evaluate(task.index)
         evaluated = time.perf_counter()
         self.matrix.add_step(correct, total)
         summary = self.matrix.step_summary(task.index)
@@ -208,28 +297,30 @@ class Run:
             log.info(f"task {task.index + 1} {name.replace('_', ' ')}: {value}")
         scalars.add(task.num_seen, {f"accuracy/{k}": v for k, v in summary.items()})
         if is_main():
-            atomic_torch_save({"config": config_for_resume(self.config), "completed_tasks": task.index + 1,
-                               "learner": self.learner.state_dict(), "rng": rng_state(self.generator),
-                               "metrics": self.matrix.to_dict(), "rows": self.rows}, self.checkpoint_path)
-        self._write_results(complete=task.index + 1 == len(self.stream))
+            self._save_checkpoint(task.index + 1)
+        self._write_results("complete" if task.index + 1 == len(self.stream) else "running")
 
-    def _evaluate(self, step: int) -> tuple[list[int], list[int]]:
+    def evaluate(self, step: int) -> tuple[list[int], list[int]]:
+        """Correct and total test predictions on each task learnt by ``step``."""
         correct, total = [], []
         seen = self.stream.tasks[: step + 1]
+        num_seen = self.stream.tasks[step].num_seen
         for task, logits in zip(seen, self.learner.predict_tasks([task.test for task in seen])):
-            num_seen = self.stream.tasks[step].num_seen
             if logits.shape != (len(task.test), num_seen):
                 raise RuntimeError(f"{type(self.learner).__name__}.predict returned logits of shape "
                                    f"{tuple(logits.shape)}, expected ({len(task.test)}, {num_seen})")
+            require_finite(logits, "test logits", f"{self.learner.name}: evaluation after task {step + 1}")
             labels = torch.as_tensor(task.test.labels)
             correct.append(int((logits.argmax(1).cpu() == labels).sum()))
             total.append(len(labels))
         return correct, total
 
-    def _write_results(self, complete: bool) -> dict[str, Any]:
+    def _write_results(self, status: str, error: dict[str, Any] | None = None) -> dict[str, Any]:
         m = self.matrix
+        done = m.num_steps > 0
         results = {
-            "status": "complete" if complete else "running",
+            "status": status,
+            **({"error": error} if error else {}),
             "config": self.config.to_flat_dict(),
             "ignored_keys": self.config.ignored_keys,
             "batch_dependent_evaluation": self.learner.batch_dependent_evaluation,
@@ -241,11 +332,11 @@ class Run:
             "task_sizes": self.stream.sizes,
             "completed_tasks": m.num_steps,
             "accuracy_curve": m.curve(),
-            "average_incremental_accuracy": m.average_incremental(),
-            "last_accuracy": m.last(),
-            "forgetting": m.forgetting(),
-            "backward_transfer": m.backward_transfer(),
-            "task_forgetting": m.task_forgetting(),
+            "average_incremental_accuracy": m.average_incremental() if done else None,
+            "last_accuracy": m.last() if done else None,
+            "forgetting": m.forgetting() if done else None,
+            "backward_transfer": m.backward_transfer() if done else None,
+            "task_forgetting": m.task_forgetting() if done else [],
             "accuracy_matrix": m.matrix().tolist(),
             "counts": m.to_dict(),
             "per_task": self.rows,
@@ -260,13 +351,16 @@ class Run:
         return results
 
 
-def run_experiment(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
-    """One run per seed in ``config.experiment.seed``, each in its own directory."""
+def run_experiment(config: RunConfig, resume: bool = False, restart: bool = False) -> list[dict[str, Any]]:
+    """One run per seed in ``config.experiment.seed``, each in its own directory; ``restart`` discards
+    what earlier runs left there."""
+    if resume and restart:
+        raise PilotError("--resume continues a run and --restart discards it: choose one.")
     for seed in config.experiment.seed:
-        check_run_directory(run_directory(config.experiment, seed), resume)
+        check_run_directory(run_directory(config.experiment, seed), resume, restart)
     results = []
     for seed in config.experiment.seed:
-        run = Run(config.for_seed(seed), resume=resume)
+        run = Run(config.for_seed(seed), resume=resume, restart=restart)
         results.append({"run_dir": str(run.run_dir), **run.execute()})
     return results
 

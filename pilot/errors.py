@@ -13,6 +13,12 @@ from contextlib import contextmanager
 class PilotError(Exception):
     """Bad input (config, data, weights, resume). The CLI prints it without a traceback."""
 
+    def __init__(self, message: str = ""):
+        # A DataLoader worker's error comes back as ``type(error)(its whole traceback)``: keep the message.
+        if "\nOriginal Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
 
 @contextmanager
 def config_values(*keys: str) -> Iterator[None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,7 +24,10 @@ except ImportError:  # not on Windows: atomic replacement still keeps every file
 
 from pilot.data.stream import Split
 from pilot.distributed import any_rank, is_main, rank_and_size
-from pilot.outputs import atomic_torch_save
+from pilot.outputs import remove_temporaries
+from pilot.statefile import UnreadableState, load_state, save_state
+
+CACHE_KIND = "pilot-features/1"
 
 
 class FeatureStore:
@@ -36,6 +40,7 @@ class FeatureStore:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._rows: dict[str, torch.Tensor] = {}
         self._known: dict[str, torch.Tensor] = {}
+        self._rejected: dict[Path, tuple[int, int]] = {}  # cache files reported unusable (mtime, size): read once
         self.encoded_images = 0  # images passed through the encoder by this store
 
     def __call__(self, split: Split) -> torch.Tensor:
@@ -73,7 +78,7 @@ class FeatureStore:
         if self.cache_dir is None:
             return None
         digest = hashlib.sha256(f"{self.key}|{part}".encode()).hexdigest()[:24]
-        return self.cache_dir / f"features-{digest}.pt"
+        return self.cache_dir / f"features-{digest}.safetensors"
 
     @contextlib.contextmanager
     def _locked(self, part: str):
@@ -85,18 +90,17 @@ class FeatureStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_suffix(".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            remove_temporaries(path.parent, path.name)  # a killed writer's: only the lock holder writes the file
             try:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _merge_saved(self, split: Split) -> None:
-        """Add the rows the cache file knows and this store does not."""
-        path = self._cache_file(split.part)
-        if path is None or not path.is_file():
-            return
-        saved = torch.load(path, map_location="cpu")
-        if saved.get("key") != self.key or saved["rows"].shape[0] != len(split.source):
+        """Add the rows the cache file knows and this store does not; a file that cannot be used is
+        reported and left to be replaced by the rows this run encodes."""
+        saved = self._read_cache(split)
+        if saved is None:
             return
         if split.part not in self._rows:
             self._rows[split.part], self._known[split.part] = saved["rows"], saved["known"]
@@ -105,8 +109,31 @@ class FeatureStore:
         self._rows[split.part][new] = saved["rows"][new]
         self._known[split.part] |= new
 
+    def _read_cache(self, split: Split) -> Optional[dict]:
+        path = self._cache_file(split.part)
+        if path is None or not path.is_file():
+            return None
+        stat = path.stat()
+        if self._rejected.get(path) == (stat.st_mtime_ns, stat.st_size):
+            return None
+        try:
+            saved = load_state(path, CACHE_KIND)
+        except UnreadableState as err:
+            self._rejected[path] = (stat.st_mtime_ns, stat.st_size)
+            warnings.warn(f"feature cache: {err} Its features are computed again and the file replaced.", stacklevel=2)
+            return None
+        rows, known = (saved.get("rows"), saved.get("known")) if isinstance(saved, dict) else (None, None)
+        if (not isinstance(rows, torch.Tensor) or not isinstance(known, torch.Tensor) or saved.get("key") != self.key
+                or rows.shape[0] != len(split.source) or known.shape != (len(split.source),) or known.dtype != torch.bool):
+            self._rejected[path] = (stat.st_mtime_ns, stat.st_size)
+            warnings.warn(f"feature cache: '{path}' does not hold this run's features of the {split.part} images "
+                          f"(another encoder, dataset or size). They are computed again and the file replaced.",
+                          stacklevel=2)
+            return None
+        return saved
+
     def _save_part(self, part: str) -> None:
         path = self._cache_file(part)
         if path is not None and is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save({"key": self.key, "rows": self._rows[part], "known": self._known[part]}, path)
+            save_state(path, {"key": self.key, "rows": self._rows[part], "known": self._known[part]}, CACHE_KIND)

@@ -12,32 +12,50 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
+from pilot.errors import PilotError
 
 CSV_COLUMNS = ["task", "classes_seen", "accuracy", "average_incremental_accuracy", "old_accuracy",
                "new_accuracy", "forgetting", "backward_transfer", "train_seconds", "eval_seconds"]
+TEMP_SUFFIX = ".tmp"
 
 
-def _atomic_write(path: Path, write) -> None:
+class WriteFailed(PilotError):
+    """A file could not be written (disk full, no permission); the previous version is untouched."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place: readers (and a
+    run killed meanwhile) see the old file or the new one, never part of one. A failed write keeps the
+    old file and raises ``WriteFailed``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
         with os.fdopen(fd, "wb") as handle:
-            write(handle)
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as err:
+        raise WriteFailed(f"Could not write '{path}' ({os.strerror(err.errno) if err.errno else err}); its previous "
+                          f"version is intact. Free disk space or fix the folder's permissions, then continue "
+                          f"with --resume.") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda handle: handle.write(text.encode()))
+    atomic_write_bytes(path, text.encode())
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    _atomic_write(path, lambda handle: torch.save(obj, handle))
+def remove_temporaries(folder: Path, name: str = "") -> list[Path]:
+    """Delete the temporary files that a killed writer left in ``folder`` (never read by anyone), of the
+    file ``name`` only if given. Call it where no live writer can be writing one (under a lock)."""
+    leftovers = sorted(Path(folder).glob(f".{name}.*{TEMP_SUFFIX}" if name else f".*{TEMP_SUFFIX}"))
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    return leftovers
 
 
 def _json_safe(value: Any) -> Any:
@@ -66,7 +84,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def open_log(run_dir: Path, name: str, to_file: bool = True) -> logging.Logger:
     """A logger writing to ``run_dir/run.log`` and the console, one per run directory (``to_file=False``:
-    neither, for torchrun's other ranks)."""
+    neither, for torchrun's other ranks). Errors go to the file alone: the exception reaches the caller,
+    and the CLI prints it once."""
     logger = logging.getLogger(f"pilot.run.{name}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -74,7 +93,9 @@ def open_log(run_dir: Path, name: str, to_file: bool = True) -> logging.Logger:
         handler.close()
         logger.removeHandler(handler)
     formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    handlers = (logging.FileHandler(run_dir / "run.log"), logging.StreamHandler()) if to_file else (logging.NullHandler(),)
+    console = logging.StreamHandler()
+    console.addFilter(lambda record: record.levelno < logging.ERROR)
+    handlers = (logging.FileHandler(run_dir / "run.log"), console) if to_file else (logging.NullHandler(),)
     for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)

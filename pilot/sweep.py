@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 from pilot.config import load_raw
 from pilot.configure import build_config
-from pilot.engine import is_complete, run_directory
+from pilot.engine import CHECKPOINT, is_complete, run_directory
 from pilot.errors import PilotError
 from pilot.outputs import write_json
 
@@ -45,7 +45,7 @@ class SweepRun:
         """'complete', 'unfinished' (a checkpoint to resume from) or 'new'."""
         if is_complete(self.run_dir):
             return "complete"
-        return "unfinished" if (self.run_dir / "checkpoint.pt").is_file() else "new"
+        return "unfinished" if (self.run_dir / CHECKPOINT).is_file() else "new"
 
 
 @dataclass

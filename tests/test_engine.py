@@ -7,6 +7,7 @@ import torch
 from pilot import engine
 from pilot.cli import main
 from pilot.engine import Run, run_experiment
+from pilot.statefile import load_state
 
 from conftest import Killed, die_at_task, tiny_raw
 
@@ -57,8 +58,9 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch)
         with pytest.raises(Killed):
             run_experiment(config)
     run_dir = engine.run_directory(config.experiment, 1)
-    assert json.loads((run_dir / "results.json").read_text())["status"] == "running"
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["completed_tasks"] == 2
+    record = json.loads((run_dir / "results.json").read_text())
+    assert record["status"] == "interrupted" and record["completed_tasks"] == 2 and record["error"]["task"] == 3
+    assert load_state(run_dir / engine.CHECKPOINT, engine.CHECKPOINT_KIND)["completed_tasks"] == 2
 
     with pytest.raises(engine.PilotError, match="unfinished run. Continue it with --resume"):
         run_experiment(config)

@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from pilot.configure import build_config
-from pilot.engine import Run, run_experiment
+from pilot.engine import CHECKPOINT, CHECKPOINT_KIND, Run, run_experiment
 from pilot.learners.slca import CA_SAMPLES_PER_CLASS
 from pilot.modules.gaussians import COVARIANCE_RIDGE
 from pilot.modules.heads import normalise_logits
+from pilot.statefile import load_state
 
 from conftest import assert_resume_matches_uninterrupted, real_raw, requires_assets, tiny_raw
 
@@ -111,7 +112,8 @@ def test_logit_normalisation_matches_the_official_formula():
 def test_end_to_end_checkpoint_holds_backbone_and_statistics(tmp_path):
     (result,) = run_experiment(slca_config(tmp_path))
     assert result["status"] == "complete" and len(result["accuracy_curve"]) == 4
-    checkpoint = torch.load(next((tmp_path / "logs").rglob("checkpoint.pt")), weights_only=False)["learner"]
+    path = next((tmp_path / "logs").rglob(CHECKPOINT))
+    checkpoint = load_state(path, CHECKPOINT_KIND)["learner"]
     assert any(key.startswith("backbone.model.blocks.") for key in checkpoint["net"])
     assert checkpoint["gaussians"]["covs"].shape == (10, 192, 192)
 

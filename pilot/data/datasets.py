@@ -17,6 +17,10 @@ from PIL import Image
 
 from pilot.errors import PilotError
 
+class UnreadableImage(PilotError):
+    """An image file that cannot be opened or decoded."""
+
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
@@ -32,10 +36,19 @@ class ImageSet:
 
     def load(self, index: int) -> Image.Image:
         item = self.images[index]
-        if isinstance(item, str):
+        if not isinstance(item, str):
+            return Image.fromarray(item)
+        try:
             with Image.open(item) as image:
                 return image.convert("RGB")
-        return Image.fromarray(item)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise UnreadableImage(f"Image file '{item}' cannot be decoded ({type(err).__name__}: {err}). Replace or "
+                                  f"delete it, then continue with --resume.") from None
+
+    @property
+    def paths(self) -> list[str]:
+        """The image files (none for images held in memory)."""
+        return self.images if isinstance(self.images, list) else []
 
 
 @dataclass
@@ -89,9 +102,23 @@ def _download_cifar(root: Path) -> None:
         ) from None
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR's pickles hold dicts, lists, strings and NumPy arrays: refuse any other global, so a
+    tampered file cannot run code."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               *((f"numpy{core}.multiarray", "_reconstruct") for core in (".core", "._core")),
+               *((f"numpy{core}.numeric", "_frombuffer") for core in (".core", "._core"))}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which CIFAR-100 files never do")
+        return super().find_class(module, name)
+
+
 def _unpickle(read: Callable[[str], bytes], member: str, origin: Path) -> dict:
     try:
-        return pickle.load(io.BytesIO(read(member)), encoding="latin1")
+        return _ArraysOnly(io.BytesIO(read(member)), encoding="latin1").load()
     except (KeyError, FileNotFoundError):
         raise PilotError(f"'{origin}' has no '{member}' file: it is not the CIFAR-100 python release. {CIFAR_HELP}") from None
     except Exception as err:
@@ -166,22 +193,30 @@ def _scan_folder(split_dir: Path, class_names: list[str]) -> ImageSet:
     return ImageSet(paths, np.asarray(labels, dtype=np.int64))
 
 
-def load_folder(data_path: str, name: str) -> SourceDataset:
+def load_folder(data_path: str, name: str, parts: tuple[str, ...] = ("train", "test")) -> SourceDataset:
+    """``parts``: the splits that must be there; without "train", classes are named by test/ alone."""
     root = Path(data_path).expanduser() / FOLDER_DATASETS[name]
-    train_dir, test_dir = root / "train", root / "test"
-    if not (train_dir.is_dir() and test_dir.is_dir()):
+    dirs = {part: root / part for part in ("train", "test")}
+    if not all(dirs[part].is_dir() for part in parts):
         raise PilotError(
-            f"Dataset '{name}' not found: expected the folders '{train_dir}' and '{test_dir}', each "
-            f"with one sub-folder of images per class (PILOT's layout). Download the dataset (see "
-            f"the README's dataset table) and set data_path to the folder that holds "
-            f"'{FOLDER_DATASETS[name] or 'train/ and test/'}'."
+            f"Dataset '{name}' not found: expected the folders {' and '.join(repr(str(dirs[p])) for p in parts)}, "
+            f"each with one sub-folder of images per class (PILOT's layout). Download the dataset (see the README's "
+            f"dataset table) and set data_path to the folder that holds "
+            f"'{FOLDER_DATASETS[name] or ' and '.join(f'{p}/' for p in parts)}'."
         )
-    class_names = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    present = {part: sorted(p.name for p in dirs[part].iterdir() if p.is_dir()) if dirs[part].is_dir() else []
+               for part in ("train", "test")}
+    class_names = present["train" if "train" in parts else "test"]
     if not class_names:
-        raise PilotError(f"'{train_dir}' has no class sub-folders: expected <class>/<image> inside it.")
-    train, test = _scan_folder(train_dir, class_names), _scan_folder(test_dir, class_names)
-    if len(train) == 0 or len(test) == 0:
-        raise PilotError(f"Dataset '{name}' under '{root}' has no images in train/ or test/ (suffixes {', '.join(IMAGE_SUFFIXES)}).")
+        raise PilotError(f"'{dirs[parts[0]]}' has no class sub-folders: expected <class>/<image> inside it.")
+    if set(parts) == {"train", "test"}:
+        for part, other in (("test", "train"), ("train", "test")):
+            extra = sorted(set(present[part]) - set(present[other]))
+            if extra:
+                raise PilotError(f"'{dirs[part]}' has class folders that '{dirs[other]}' lacks: "
+                                 f"{', '.join(map(repr, extra))}. train/ and test/ must hold the same classes: add "
+                                 f"the missing folders, or remove these.")
+    train, test = (_scan_folder(dirs[part], class_names) for part in ("train", "test"))
     return SourceDataset(name=name, train=train, test=test, class_names=class_names,
                          fingerprint=f"{root.resolve()}:{len(train)}:{len(test)}")
 
@@ -209,13 +244,14 @@ def make_synthetic(num_classes: int, per_class: int, size: int, seed: int = 0) -
 DATASETS = ("cifar100", "cifar224", "synthetic", *FOLDER_DATASETS)
 
 
-def load_dataset(experiment) -> SourceDataset:
-    """The dataset named by ``experiment.dataset`` (an :class:`ExperimentConfig`)."""
+def load_dataset(experiment, parts: tuple[str, ...] = ("train", "test")) -> SourceDataset:
+    """The dataset named by ``experiment.dataset`` (an :class:`ExperimentConfig`); an image folder
+    needs only the ``parts`` named (CIFAR's files always hold both)."""
     name = experiment.dataset
     if name in ("cifar100", "cifar224"):
         return load_cifar100(experiment.data_path, experiment.download, name)
     if name in FOLDER_DATASETS:
-        return load_folder(experiment.data_path, name)
+        return load_folder(experiment.data_path, name, parts)
     if name == "synthetic":
         return make_synthetic(experiment.synthetic_classes, experiment.synthetic_per_class,
                               experiment.synthetic_image_size)

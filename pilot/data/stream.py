@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pilot.data.checks import check_classes, check_files
 from pilot.data.datasets import ImageSet, SourceDataset
 from pilot.errors import PilotError
 
@@ -75,10 +76,15 @@ class Task:
 
 
 class TaskStream:
-    """Tasks of a source dataset in PILOT's class order, with optional per-class subsets."""
+    """Tasks of a source dataset in PILOT's class order, with optional per-class subsets.
+
+    ``checked`` names the parts whose data is checked (``pilot.data.checks``): every class of the
+    stream has an image there, and each image file opens.
+    """
 
     def __init__(self, dataset: SourceDataset, init_cls: int, increment: int, shuffle: bool,
-                 seed: int, train_per_class: int = 0, test_per_class: int = 0, max_tasks: int = 0):
+                 seed: int, train_per_class: int = 0, test_per_class: int = 0, max_tasks: int = 0,
+                 checked: tuple[str, ...] = ("train", "test")):
         self.dataset = dataset
         self.order = class_order(dataset.num_classes, shuffle, seed)
         self.sizes = task_sizes(dataset.num_classes, init_cls, increment)
@@ -90,6 +96,11 @@ class TaskStream:
         self.relabel = np.argsort(np.asarray(self.order))
         self._train = self._subset("train", dataset.train, train_per_class)
         self._test = self._subset("test", dataset.test, test_per_class)
+        for split in (self._train, self._test):
+            if split.part in checked:
+                check_classes(split.labels, self.num_classes, [dataset.class_names[c] for c in self.order], split.part)
+                used = split.indices[split.labels < self.num_classes]
+                check_files([split.source.paths[i] for i in used] if split.source.paths else [])
         bounds = np.cumsum([0] + self.sizes)
         self.tasks = [
             Task(t, range(int(lo), int(hi)), self._select(self._train, lo, hi), self._select(self._test, lo, hi))

@@ -12,6 +12,21 @@ from pilot.data.stream import Split, Task
 from pilot.errors import PilotError
 
 
+class NonFiniteValues(PilotError):
+    """A learner's loss or logits became NaN or infinite."""
+
+
+def require_finite(values: torch.Tensor, what: str, where: str) -> None:
+    """Stop at the first non-finite loss or logits: a NaN spreads silently through every later step and
+    ends as a wrong accuracy. ``where`` names the learner and the point of the run."""
+    if not bool(torch.isfinite(values).all()):
+        raise NonFiniteValues(
+            f"{where}: the {what} became non-finite (NaN or inf). Training diverged or the inputs hold NaN: lower "
+            f"the learning rate (init_lr) or set clip_grad, then start over with --restart (or --resume, which "
+            f"keeps the tasks completed before this one)."
+        )
+
+
 class Learner:
     """One method. The loop (``pilot.engine``) calls, for each task in order:
 

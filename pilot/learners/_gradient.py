@@ -23,7 +23,7 @@ from pilot.config import LearnerConfig
 from pilot.data.stream import Split, Task
 from pilot.distributed import average_gradients
 from pilot.errors import PilotError
-from pilot.learners._base import Learner
+from pilot.learners._base import Learner, require_finite
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # "cosine" is PILOT's key, which means what it meant in PILOT for each method (a learner's
@@ -111,12 +111,16 @@ def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: Iterable
 
 
 def fit_on_features(logits: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer, epochs: int,
-                    batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], scheduler=None) -> None:
+                    batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], scheduler=None,
+                    where: str = "training on features") -> None:
     """Cross-entropy training of a head on feature batches: ``batches()`` yields one epoch's
-    (features, targets); the scheduler, if any, steps after each epoch."""
-    for _ in range(epochs):
-        for features, targets in batches():
-            descend(optimizer, F.cross_entropy(logits(features), targets))
+    (features, targets); the scheduler, if any, steps after each epoch. ``where`` names the phase
+    (learner, task) in the error that a non-finite loss raises."""
+    for epoch in range(epochs):
+        for step, (features, targets) in enumerate(batches()):
+            loss = F.cross_entropy(logits(features), targets)
+            require_finite(loss.detach(), "loss", f"{where}, epoch {epoch + 1}, step {step + 1}")
+            descend(optimizer, loss)
         if scheduler is not None:
             scheduler.step()
 
@@ -139,6 +143,8 @@ class GradientLearner(Learner):
     def __init__(self, config: TrainConfig, ctx):
         super().__init__(config, ctx)
         self.num_seen = 0
+        self.task_tag = ""  # "<learner>: task <k>" while fitting task k, and the training step under way:
+        self.position = ""  # both name the point of a non-finite loss in its error
         # Everything the method learns (prompts, heads, ...), saved in checkpoints; subclasses fill it.
         self.net = nn.ModuleDict()
 
@@ -203,6 +209,7 @@ class GradientLearner(Learner):
 
     def fit(self, task: Task) -> None:
         self.num_seen = task.num_seen
+        self.task_tag = f"{self.name}: task {task.index + 1}"
         self.begin_task(task)
         parameters = [p for p in self.trainable() if p.requires_grad]
         settings = self.task_settings(task)
@@ -221,7 +228,8 @@ class GradientLearner(Learner):
             self.begin_epoch(task, epoch)
             progress = tqdm(loader, desc=f"task {task.index + 1} epoch {epoch + 1}/{config.tuned_epoch}",
                             disable=not ctx.experiment.progress, leave=False)
-            for images, labels, _ in progress:
+            for step, (images, labels, _) in enumerate(progress):
+                self.position = f"{self.task_tag}, epoch {epoch + 1}, step {step + 1}"
                 loss = self.train_step(images.to(ctx.device), labels.to(ctx.device), task, optimizer, parameters,
                                        config.clip_grad)
                 progress.set_postfix(loss=f"{loss:.3f}")
@@ -231,16 +239,19 @@ class GradientLearner(Learner):
     def train_step(self, images, labels, task, optimizer, parameters, clip_grad: float) -> float:
         with self.ctx.autocast():
             logits, extra = self.train_outputs(images, labels, task)
+        require_finite(logits.detach(), "logits", self.position)
         if self.mask_old_classes:
             logits = mask_to_task(logits.float(), task)
+        loss = F.cross_entropy(logits.float(), labels) + extra
+        require_finite(loss.detach(), "loss", self.position)
+
         def after_backward():
             average_gradients(parameters, len(labels))  # under torchrun: the whole global batch's gradient
             self.before_step(task)
 
-        loss = descend(optimizer, F.cross_entropy(logits.float(), labels) + extra, parameters, clip_grad,
-                       after_backward)
+        value = descend(optimizer, loss, parameters, clip_grad, after_backward)
         self.after_step(task)
-        return loss
+        return value
 
     @property
     def test_batch_size(self) -> Optional[int]:

@@ -48,7 +48,7 @@ class LinearProbe(Learner):
             order = torch.randperm(len(labels), generator=self.ctx.generator)
             return ((features[batch], labels[batch]) for batch in order.split(self.config.batch_size))
 
-        fit_on_features(head, optimizer, self.config.tuned_epoch, batches)
+        fit_on_features(head, optimizer, self.config.tuned_epoch, batches, where=f"{self.name}: task {task.index + 1}")
         self.weight = torch.cat([self.weight, head.weight.detach()])
         self.bias = torch.cat([self.bias, head.bias.detach()])
 

@@ -214,7 +214,7 @@ class MOS(GradientLearner):
 
         head.train()
         fit_on_features(lambda features: head(features)[:, : self.num_seen], optimizer, config.crct_epochs,
-                        batches, scheduler)
+                        batches, scheduler, f"{self.task_tag}, classifier alignment")
 
     # --- prediction: self-refined adapter retrieval ---------------------------------------------
 

@@ -162,7 +162,7 @@ class SLCA(GradientLearner):
             features, labels = self.sample_features(cholesky_factors)
             return zip(features.split(CA_SAMPLES_PER_CLASS), labels.to(device).split(CA_SAMPLES_PER_CLASS))
 
-        fit_on_features(logits, optimizer, config.ca_epochs, batches, scheduler)
+        fit_on_features(logits, optimizer, config.ca_epochs, batches, scheduler, f"{self.task_tag}, classifier alignment")
 
     # --- checkpoint --------------------------------------------------------------------------------
 

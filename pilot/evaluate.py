@@ -1,0 +1,84 @@
+"""``pilot evaluate <run dir>``: a run's last checkpoint, evaluated again on the test images of every
+task it has learnt, optionally from another copy of the same classes (a corrupted or shifted test
+set). Prints the accuracies and writes ``evaluation.json``; results.json is left as it is.
+
+The checkpoint holds the run's whole config and its classes, so a run directory (or a copy of its
+checkpoint) is enough: data, weights and device may be pointed elsewhere with ``--set``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from pilot.engine import CHECKPOINT, CHECKPOINT_KIND, RESUME_FREE_KEYS, Run, versions
+from pilot.errors import PilotError
+from pilot.metrics import AccuracyMatrix
+from pilot.outputs import write_json
+from pilot.statefile import UnreadableState, load_state
+
+# What an evaluation may change: where things are, how they run, and which test images it scores.
+EVALUATION_KEYS = RESUME_FREE_KEYS | {"dataset", "test_per_class", "eval_batch_size", "device"}
+
+
+def evaluate_run(run_dir: str | Path, overrides: Optional[dict[str, Any]] = None,
+                 output: Optional[str | Path] = None) -> dict[str, Any]:
+    """Re-evaluate the run in ``run_dir`` (with ``overrides`` of EVALUATION_KEYS); writes ``output``
+    (default ``<run dir>/evaluation.json``, named in the result) and returns what it wrote."""
+    from pilot.configure import build_config
+
+    run_dir = Path(run_dir)
+    overrides = overrides or {}
+    fixed = sorted(set(overrides) - EVALUATION_KEYS)
+    if fixed:
+        raise PilotError(f"pilot evaluate cannot change {', '.join(fixed)}: they define what the run learnt. It can "
+                         f"set {', '.join(sorted(EVALUATION_KEYS))}.")
+    state = _read(run_dir / CHECKPOINT)
+    started = time.perf_counter()
+    run = Run(build_config(state["run_config"], {"progress": False, **overrides}), parts=("test",))
+    _require_same_classes(state["class_names"], run.dataset.class_names, run.dataset.name)
+    run.checkpoint_path = run_dir / CHECKPOINT
+    completed = run.restore(state)
+    correct, total = run.evaluate(completed - 1)
+    evaluation = {
+        "run_dir": str(run_dir), "checkpoint": str(run.checkpoint_path), "completed_tasks": completed,
+        "dataset": run.dataset.name, "data_path": run.config.experiment.data_path,
+        "overrides": overrides, "accuracy": 100.0 * sum(correct) / sum(total),
+        "task_accuracy": [100.0 * c / n for c, n in zip(correct, total)],
+        "recorded_accuracy": AccuracyMatrix(**state["metrics"]).accuracy(completed - 1),
+        "counts": {"correct": correct, "total": total}, "seconds": time.perf_counter() - started,
+        "versions": versions(), "output": str(output or run_dir / "evaluation.json"),
+    }
+    write_json(Path(evaluation["output"]), evaluation)
+    return evaluation
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise PilotError(f"'{path}' not found: give the directory of a run (where results.json is); a run writes "
+                         f"its checkpoint after each task.")
+    try:
+        return load_state(path, CHECKPOINT_KIND)
+    except UnreadableState as err:
+        raise PilotError(f"Cannot evaluate: {err}") from None
+
+
+def _require_same_classes(trained: list[str], found: list[str], dataset: str) -> None:
+    if list(trained) != list(found):
+        missing = [name for name in trained if name not in found][:5]
+        extra = [name for name in found if name not in trained][:5]
+        raise PilotError(
+            f"Dataset '{dataset}' does not hold the run's {len(trained)} classes in its order (it has {len(found)}; "
+            f"missing e.g. {missing or 'none'}, not in the run e.g. {extra or 'none'}). Evaluate on a copy with the "
+            f"same class folders."
+        )
+
+
+def report(evaluation: dict[str, Any]) -> str:
+    lines = [f"{evaluation['run_dir']}: {evaluation['completed_tasks']} tasks, test images of '{evaluation['dataset']}'"
+             f" at {evaluation['data_path']}"]
+    for index, (accuracy, total) in enumerate(zip(evaluation["task_accuracy"], evaluation["counts"]["total"])):
+        lines.append(f"  task {index + 1}: accuracy {accuracy:.2f} ({total} images)")
+    lines.append(f"accuracy {evaluation['accuracy']:.2f} (the run recorded {evaluation['recorded_accuracy']:.2f}); "
+                 f"wrote {evaluation['output']}")
+    return "\n".join(lines)

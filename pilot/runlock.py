@@ -1,0 +1,121 @@
+"""One process per run directory: a lock file that names its holder (host, PID, start time).
+
+The lock is an exclusive ``flock`` on ``<run dir>/.pilot.lock``, which the kernel drops when its
+process dies, however it dies: a lock file that nobody holds is what a killed run left behind, and
+the next run takes it over (with a warning naming the dead holder). The file's text says who holds
+a live lock, so the refusal can say which process to wait for. Where ``fcntl`` is missing (Windows),
+a lock whose holder ran on this host under a PID that no longer runs is taken over instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+try:
+    import fcntl
+except ImportError:
+    fcntl = None
+
+from pilot.errors import PilotError
+
+LOCK_NAME = ".pilot.lock"
+
+
+class RunLocked(PilotError):
+    """Another live process holds the run directory."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` (created if missing) for the block; ``RunLocked`` if another process holds it."""
+    path = Path(run_dir) / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(path)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still holding it, so no one locks a file about to vanish
+        os.close(fd)
+
+
+def _acquire(path: Path) -> int:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _lock_or_refuse(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)  # its holder removed the file between our open and lock: lock the new one
+    previous = _holder(path)
+    if previous:
+        warnings.warn(f"'{path.parent}' was locked by {_describe(previous)}, which is no longer running (killed?); "
+                      f"this process takes the run over.", stacklevel=4)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(_me()).encode())
+    os.fsync(fd)
+    return fd
+
+
+def _lock_or_refuse(fd: int, path: Path) -> None:
+    holder = _holder(path)
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+    elif not holder or not _alive_here(holder):
+        return
+    raise RunLocked(f"'{path.parent}' is in use by {_describe(holder) if holder else 'another process'}. Two "
+                    f"processes would overwrite each other's checkpoints and results: wait for it to finish or stop "
+                    f"it, or give this run another \"prefix\" or log_dir.")
+
+
+def _me() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _holder(path: Path) -> Optional[dict]:
+    try:
+        holder = json.loads(path.read_text() or "null")
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _describe(holder: dict) -> str:
+    return f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """The process's start time in clock ticks since boot (Linux), so a reused PID is not taken for the holder."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive_here(holder: dict) -> bool:
+    """Whether the holder may still run: on another host we cannot tell, so it may."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = holder.get("pid")
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True
+    return _process_start(int(pid)) == holder.get("process_start")
