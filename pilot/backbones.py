@@ -3,10 +3,14 @@
 ``backbone_type`` is a timm model name (``deit_tiny_patch16_224``, ``vit_base_patch16_224.augreg_in21k``),
 one of PILOT's names (mapped below), or ``open_clip:<model>[:<pretrained tag>]``
 (``open_clip:ViT-B-16:openai``). Weights come from the hub (``pretrained: true``), from a local file
-(``pretrained_path``), or are random (``pretrained: false``, for tests).
+(``pretrained_path``), or are random (``pretrained: false``, for tests). Two affixes make variants:
+``random:<name>`` is that architecture randomly initialised (the baseline a pre-trained model must
+beat), and ``<name>@<k>`` keeps its first k transformer blocks (the features of an intermediate block,
+through the model's final norm and pooling). A list of backbones is a :class:`BackboneSet`.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 from pathlib import Path
@@ -19,6 +23,8 @@ from pilot.data.transforms import DataConfig
 from pilot.errors import PilotError
 
 OPEN_CLIP_PREFIX = "open_clip:"
+RANDOM_PREFIX = "random:"
+BLOCKS_MARK = "@"
 
 # PILOT's backbone names -> the timm weights they loaded (timm 0.6's default tags). Method
 # suffixes (_l2p, _adapter, ...) only selected PILOT's copied model files; the learner does that here.
@@ -94,7 +100,7 @@ def _weights_identity(pretrained: bool, path: Optional[Path], seed: int) -> str:
     return "hub" if pretrained else f"random-seed{seed}"
 
 
-def _timm_backbone(name: str, pretrained: bool, path: Optional[Path], seed: int, **model_args) -> Backbone:
+def _timm_model(name: str, pretrained: bool, path: Optional[Path], **kwargs) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
@@ -104,14 +110,17 @@ def _timm_backbone(name: str, pretrained: bool, path: Optional[Path], seed: int,
             f"Unknown backbone '{name}': not a timm model name.{hint} Use a name from "
             f"timm.list_models(), or 'open_clip:<model>:<tag>' for an open_clip image encoder."
         )
-    kwargs = dict(num_classes=0, **model_args)
     if path is not None:  # the local file joins the user's overlay (input size, crop, mean/std), not replaces it
-        kwargs["pretrained_cfg_overlay"] = {**model_args.get("pretrained_cfg_overlay", {}), "file": str(path)}
+        kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
     try:
-        model = timm.create_model(name, pretrained=pretrained or path is not None, **kwargs)
+        return timm.create_model(name, pretrained=pretrained or path is not None, **kwargs)
     except Exception as err:  # hub and file errors come in many types
         source = f"the file '{path}'" if path else "the model hub"
         raise PilotError(f"Could not load weights for '{name}' from {source} ({type(err).__name__}: {err}). {WEIGHTS_HELP}") from None
+
+
+def _timm_backbone(name: str, pretrained: bool, path: Optional[Path], seed: int, **model_args) -> Backbone:
+    model = _timm_model(name, pretrained, path, num_classes=0, **model_args)
     cfg = model.pretrained_cfg
     # The built model's input size wins over the weights' (a test model built with img_size=32).
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
@@ -148,16 +157,99 @@ def _open_clip_backbone(spec: str, pretrained: bool, path: Optional[Path], seed:
     return Backbone(visual, data_config, visual.output_dim, identity)
 
 
-def create_backbone(backbone_type: str, pretrained: bool = True, pretrained_path: Optional[str] = None,
-                    weights_dir: Optional[str] = None, seed: int = 0, **model_args) -> Backbone:
+class BackboneSet(nn.Module):
+    """Several backbones for the frozen-feature learners: each keeps its own weights, preprocessing
+    and feature cache; the run's features are theirs, each L2-normalised, side by side."""
+
+    def __init__(self, members: list[Backbone]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.data_config = members[0].data_config
+        self.feature_dim = sum(member.feature_dim for member in members)
+        self.identity = " + ".join(member.identity for member in members)
+
+    @property
+    def model(self) -> nn.Module:
+        """No single network that prompts or adapters could attach to: the set itself."""
+        return self
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Torch's global generator seeded with ``seed`` inside the block, and as it was after it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def parse_backbone(spec: str) -> tuple[str, bool, int]:
+    """``random:<name>@<k>`` -> (name, randomly initialised, blocks kept; 0 = all)."""
+    random_init = spec.startswith(RANDOM_PREFIX)
+    name = spec.removeprefix(RANDOM_PREFIX)
+    blocks = 0
+    if BLOCKS_MARK in name:
+        name, _, count = name.rpartition(BLOCKS_MARK)
+        if not count.isdigit() or int(count) < 1:
+            raise PilotError(f"Backbone '{spec}': after '{BLOCKS_MARK}' give how many blocks to keep, e.g. '{name}@6'.")
+        blocks = int(count)
+    return name, random_init, blocks
+
+
+def keep_blocks(model: nn.Module, blocks: int, spec: str) -> None:
+    """Truncate a timm ViT (``blocks``) or an open_clip tower (``transformer.resblocks``) to its first blocks."""
+    owner, attribute = (model, "blocks") if hasattr(model, "blocks") else (getattr(model, "transformer", None), "resblocks")
+    stack = getattr(owner, attribute, None)
+    if stack is None:
+        raise PilotError(f"Backbone '{spec}': '{BLOCKS_MARK}<k>' needs a transformer with a stack of blocks "
+                         f"(a timm ViT or an open_clip ViT tower), which {type(model).__name__} is not.")
+    if blocks > len(stack):
+        raise PilotError(f"Backbone '{spec}' keeps {blocks} blocks, but the model has {len(stack)}.")
+    setattr(owner, attribute, stack[:blocks])
+
+
+def source_classifier(backbone_type: str, pretrained: bool = True, weights_dir: Optional[str] = None, seed: int = 0,
+                      **model_args) -> Optional[nn.Module]:
+    """The classifier head that a timm backbone's weights were trained with (its source task, for LEEP);
+    None for an open_clip tower, which has none. Built as a separate model, so the backbone's own
+    random draws stay those of its identity."""
+    name, random_init, _ = parse_backbone(backbone_type)
+    if name.startswith(OPEN_CLIP_PREFIX):
+        return None
+    name = resolve_backbone_name(name)
+    pretrained = pretrained and not random_init
+    with contextlib.nullcontext() if pretrained else _seeded(seed):
+        model = _timm_model(name, pretrained, local_weights(name, None, weights_dir if pretrained else None),
+                            **model_args)
+    head = model.get_classifier()
+    return head.eval() if isinstance(head, nn.Linear) else None
+
+
+def create_backbone(backbone_type: str | list[str], pretrained: bool = True, pretrained_path: Optional[str] = None,
+                    weights_dir: Optional[str] = None, seed: int = 0, **model_args) -> Backbone | BackboneSet:
     """Build a backbone (see the module docstring); bad names and missing weights raise PilotError.
 
     Weights: ``pretrained_path``, else ``<weights_dir>/<model name>.<suffix>`` if present, else the
-    hub. ``model_args`` go to ``timm.create_model`` (e.g. ``img_size`` for small test models).
+    hub. ``model_args`` go to ``timm.create_model`` (e.g. ``img_size`` for small test models). A list
+    builds a :class:`BackboneSet` (``pretrained_path`` then names no single file and must be unset).
     """
-    if backbone_type.startswith(OPEN_CLIP_PREFIX):
-        path = local_weights(backbone_type, pretrained_path, weights_dir if pretrained else None)
-        return _open_clip_backbone(backbone_type[len(OPEN_CLIP_PREFIX):], pretrained, path, seed)
-    name = resolve_backbone_name(backbone_type)
-    path = local_weights(name, pretrained_path, weights_dir if pretrained else None)
-    return _timm_backbone(name, pretrained, path, seed, **model_args)
+    if isinstance(backbone_type, list):
+        if pretrained_path is not None:
+            raise PilotError("pretrained_path names one weights file, but backbone_type lists several backbones: put "
+                             "each one's weights in weights_dir as <model name>.safetensors instead.")
+        return BackboneSet([create_backbone(spec, pretrained, None, weights_dir, seed, **model_args)
+                            for spec in backbone_type])
+    name, random_init, blocks = parse_backbone(backbone_type)
+    pretrained = pretrained and not random_init
+    # Random weights are drawn from ``seed`` alone, so that they are what their identity says (also in a set).
+    with contextlib.nullcontext() if pretrained else _seeded(seed):
+        if name.startswith(OPEN_CLIP_PREFIX):
+            path = local_weights(name, pretrained_path, weights_dir if pretrained else None)
+            backbone = _open_clip_backbone(name[len(OPEN_CLIP_PREFIX):], pretrained, path, seed)
+        else:
+            name = resolve_backbone_name(name)
+            path = local_weights(name, pretrained_path, weights_dir if pretrained else None)
+            backbone = _timm_backbone(name, pretrained, path, seed, **model_args)
+    if blocks:
+        keep_blocks(backbone.model, blocks, backbone_type)
+        backbone.identity += f"{BLOCKS_MARK}{blocks}"
+    return backbone

@@ -1,6 +1,6 @@
 """Command line: ``pilot --config exps/simplecil.json [--set key=value ...] [--resume]`` runs a config;
 ``pilot sweep`` runs its seeds times a grid (on Ray when installed); ``pilot summarize`` tables runs;
-``pilot evaluate`` scores a run's last checkpoint again.
+``pilot evaluate`` scores a run's last checkpoint again; ``pilot select`` ranks candidate backbones.
 
 Errors: a user's (``PilotError``) is one paragraph, no traceback, exit 2; a bug's comes with its
 traceback, exit 1."""
@@ -10,6 +10,7 @@ import argparse
 import sys
 import traceback
 import warnings
+from pathlib import Path
 
 from pilot.errors import PilotError
 
@@ -27,6 +28,7 @@ Plot runs with: python tools/plot.py <run dirs...>
   pilot sweep --config exps/simplecil_p0.json --config exps/ranpac_p0.json --set seed=[1,2,3]
   pilot summarize logs/            # mean ± std over seeds: Markdown, --csv, --latex
   pilot evaluate <run dir> --data-path shifted/   # the run's last checkpoint on another test set
+  pilot select --config exps/simplecil_p0.json --candidates deit_tiny_patch16_224,random:deit_tiny_patch16_224
 """
 
 SWEEP_EPILOG = """Each run of the cross product of each config's seeds and the grid gets its own run directory (the
@@ -150,7 +152,47 @@ def run_evaluate(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"sweep": run_sweep, "summarize": run_summarize, "evaluate": run_evaluate}
+def select_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pilot select", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Rank candidate backbones for a config's data before running it: each encodes the first "
+                    "task's training images once and transferability estimators (LogME, H-score, NCM leave-one-out "
+                    "accuracy, LEEP) score its features.",
+        epilog="example:\n  pilot select --config exps/simplecil_p0.json --candidates deit_tiny_patch16_224,"
+               "deit_tiny_patch16_224@6,random:deit_tiny_patch16_224 --run")
+    p.add_argument("--config", required=True, help="the JSON config to choose a backbone for")
+    p.add_argument("--candidates", required=True,
+                   help="comma-separated backbone_type values; random:<name> is that architecture randomly "
+                        "initialised, <name>@<k> its first k blocks")
+    p.add_argument("--tasks", type=int, default=1, help="score on the training images of the first K tasks (default 1)")
+    p.add_argument("--rank-by", default="logme", help="the estimator that ranks: logme, h_score, ncm_accuracy, leep")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    p.add_argument("--output", help="where to write selection.json (default: <log_dir>/selection/<config>/)")
+    p.add_argument("--run", action="store_true", help="then run the config with the best candidate")
+    return p
+
+
+def run_select(argv: list[str]) -> int:
+    from pilot.configure import load_config
+    from pilot.engine import run_experiment, summary_line
+    from pilot.selection import default_output, select, table, write_selection
+
+    args = select_parser().parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    selection = select(config, [c.strip() for c in args.candidates.split(",") if c.strip()], args.tasks, args.rank_by)
+    output = Path(args.output) if args.output else default_output(config, args.config)
+    write_selection(selection, output)
+    print(table(selection))
+    print(f"best by {args.rank_by}: {selection['ranking'][0]}; selection took {selection['seconds']:.1f}s; wrote {output}")
+    if args.run:
+        best = load_config(args.config, args.overrides + [f"backbone_type={selection['ranking'][0]}"])
+        for result in run_experiment(best):
+            print(summary_line(result))
+    return 0
+
+
+SUBCOMMANDS = {"sweep": run_sweep, "summarize": run_summarize, "evaluate": run_evaluate, "select": run_select}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ This module knows no learner: ``pilot.configure`` looks the learner up and calls
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -18,7 +19,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from pilot.errors import PilotError
 
@@ -55,7 +56,8 @@ class ExperimentConfig:
     init_cls: int = 10
     increment: int = 10
     seed: list[int] = field(default_factory=lambda: [1993])
-    backbone_type: str = "vit_base_patch16_224.augreg_in21k_ft_in1k"
+    # A list of backbones (frozen-feature learners): each one's features, L2-normalised, concatenated.
+    backbone_type: Union[str, list[str]] = "vit_base_patch16_224.augreg_in21k_ft_in1k"
     # Extra timm.create_model arguments (e.g. a small img_size/depth for tests).
     backbone_args: dict = field(default_factory=dict)
     # Weights: true = the model's hub weights; false = random init (tests).
@@ -98,6 +100,11 @@ class ExperimentConfig:
     wandb_project: str = "pilot"
 
 
+def backbone_label(backbone_type: str | list[str]) -> str:
+    """One name for a backbone or a set of them (``a+b``), for run directories and tables."""
+    return "+".join(backbone_type) if isinstance(backbone_type, list) else backbone_type
+
+
 @dataclass
 class LearnerConfig:
     """Base of every learner's hyperparameter dataclass (one per learner, published defaults)."""
@@ -133,10 +140,14 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted (int -> float only)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    if origin is typing.Union:  # Optional[X], or the first of several types that the value fits
+        if value is None and type(None) in args:
             return None
-        return coerce(key, value, next(a for a in args if a is not type(None)))
+        for option in (a for a in args if a is not type(None)):
+            with contextlib.suppress(PilotError):
+                return coerce(key, value, option)
+        raise PilotError(f"Config key '{key}' must be {' or '.join(_type_name(a) for a in args)}, got "
+                         f"{type(value).__name__} {value!r}. Fix its value in the JSON file or in --set {key}=...")
     if origin is list:
         if not isinstance(value, list):
             value = [value]  # PILOT writes "seed": 1993 as often as [1993]
@@ -167,6 +178,8 @@ def _validate_experiment(exp: ExperimentConfig) -> None:
         raise PilotError(f"increment must be at least 1 (got {exp.increment}): it is the number of new classes per task after the first.")
     if not exp.seed:
         raise PilotError("seed must list at least one seed, e.g. \"seed\": [1993].")
+    if isinstance(exp.backbone_type, list) and not exp.backbone_type:
+        raise PilotError("backbone_type lists no backbone: give one name, or a list of several.")
     if exp.eval_batch_size < 1:
         raise PilotError(f"eval_batch_size must be at least 1 (got {exp.eval_batch_size}).")
     for key in ("train_per_class", "test_per_class", "max_tasks", "num_workers"):
@@ -226,6 +239,11 @@ def assemble_config(learner_cls: type, raw: dict[str, Any], overrides: dict[str,
     _validate_experiment(experiment)
     learner = _build(learner_cls.config_class, learner_values)
     learner_cls.validate_config(learner)
+    if isinstance(experiment.backbone_type, list) and not learner_cls.frozen_features(learner):
+        raise PilotError(f"backbone_type lists several backbones, whose features only a learner that keeps the "
+                         f"backbone frozen can use (simplecil, linear_probe; ranpac, fecam and the aper family with "
+                         f"tuned_epoch 0); '{model_name}' so configured adapts or trains the backbone. Give one "
+                         f"backbone.")
     return RunConfig(experiment, learner, sorted(ignored))
 
 

@@ -4,6 +4,7 @@ protocol (task sizes, class count, planned tasks), never the data of other tasks
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -11,13 +12,13 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from pilot.backbones import Backbone
+from pilot.backbones import Backbone, BackboneSet
 from pilot.config import ExperimentConfig
 from pilot.data import SourceDataset, Split, TaskStream
 from pilot.data.loader import make_loader
 from pilot.data.transforms import PILOT_CROP_SCALE, Preprocessing
 from pilot.distributed import gather_rows, rank_and_size
-from pilot.features import FeatureStore
+from pilot.features import ConcatenatedFeatures, FeatureStore
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class Protocol:
 
 
 class RunContext:
-    """Handed to every learner. ``features`` is the frozen backbone's feature store."""
+    """Handed to every learner. ``features`` is the frozen backbone's feature store (for a
+    :class:`BackboneSet`, each member's store, with its own preprocessing, joined side by side)."""
 
     def __init__(self, experiment: ExperimentConfig, backbone: Backbone, dataset: SourceDataset,
                  protocol: Protocol, device: torch.device, generator: torch.Generator, preprocessing: Preprocessing):
@@ -66,44 +68,51 @@ class RunContext:
         self.preprocessing = preprocessing
         self._dataset_key = f"{dataset.name}|{dataset.fingerprint}"  # the feature stores' cache key
         self._stores: list[FeatureStore] = []
-        self.features = self.feature_store(backbone, backbone.identity)
+        if isinstance(backbone, BackboneSet):
+            self.features = ConcatenatedFeatures([
+                self.feature_store(member, member.identity, dataclasses.replace(preprocessing, data=member.data_config).eval())
+                for member in backbone.members])
+        else:
+            self.features = self.feature_store(backbone, backbone.identity)
 
     # --- encoding ----------------------------------------------------------------------------
 
     @torch.no_grad()
     def encode(self, encoder: Callable[..., torch.Tensor], split: Split, extra: Optional[torch.Tensor] = None,
-               desc: str = "", batch_size: Optional[int] = None) -> torch.Tensor:
+               desc: str = "", batch_size: Optional[int] = None, transform=None) -> torch.Tensor:
         """``encoder(images)`` over ``split`` in eval batches and split order, under autocast: float32 on the CPU.
 
         ``extra`` (rows aligned with the split, e.g. cached queries) gives ``encoder(images, extra[batch])``.
         The caller puts its modules in eval mode. ``desc`` names a progress bar; ``batch_size`` replaces
-        ``eval_batch_size`` where the batches matter (batch-wise prompts).
+        ``eval_batch_size`` where the batches matter (batch-wise prompts); ``transform`` replaces the
+        eval transform.
         """
         rank, size = rank_and_size()
         if size > 1:  # under torchrun: this rank's share, then everyone's rows on every rank
             shard = Split(split.part, split.source, split.indices[rank::size], split.labels[rank::size])
             extra = None if extra is None else extra[rank::size]
-            return gather_rows(self._encode(encoder, shard, extra, desc, batch_size), len(split))
-        return self._encode(encoder, split, extra, desc, batch_size)
+            return gather_rows(self._encode(encoder, shard, extra, desc, batch_size, transform), len(split))
+        return self._encode(encoder, split, extra, desc, batch_size, transform)
 
-    def _encode(self, encoder, split: Split, extra, desc: str, batch_size: Optional[int]) -> torch.Tensor:
+    def _encode(self, encoder, split: Split, extra, desc: str, batch_size: Optional[int], transform) -> torch.Tensor:
         chunks = []
-        batches = tqdm(self.eval_loader(split, batch_size=batch_size), desc=desc, leave=False, disable=not (desc and self.experiment.progress))
+        batches = tqdm(self.eval_loader(split, transform, batch_size), desc=desc, leave=False, disable=not (desc and self.experiment.progress))
         for images, _, positions in batches:
             inputs = (images.to(self.device),) if extra is None else (images.to(self.device), extra[positions].to(self.device))
             with self.autocast():
                 chunks.append(encoder(*inputs).float().cpu())
         return torch.cat(chunks)
 
-    def feature_store(self, encoder: torch.nn.Module, identity: str) -> FeatureStore:
+    def feature_store(self, encoder: torch.nn.Module, identity: str, transform=None) -> FeatureStore:
         """A store of ``encoder``'s eval-mode features: each image encoded at most once per run.
 
         ``identity`` must name everything the features depend on (architecture, weights, and any
-        adaptation, e.g. a hash of adapter weights); it keys the optional disk cache.
+        adaptation, e.g. a hash of adapter weights); it keys the optional disk cache. ``transform``
+        replaces the run's eval transform (another backbone's input size and normalisation).
         """
-        transform = self.eval_transform
+        transform = transform or self.eval_transform
         exp = self.experiment
-        store = FeatureStore(lambda split: self.encode(encoder.eval(), split, desc=f"encode {split.part}"),
+        store = FeatureStore(lambda split: self.encode(encoder.eval(), split, desc=f"encode {split.part}", transform=transform),
                              f"{identity}|{transform}|{self._dataset_key}", exp.feature_cache_dir or None)
         self._stores.append(store)
         return store

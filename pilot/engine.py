@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from pilot import __version__
-from pilot.backbones import create_backbone
-from pilot.config import ExperimentConfig, RunConfig
+from pilot.backbones import BackboneSet, create_backbone
+from pilot.config import ExperimentConfig, RunConfig, backbone_label
 from pilot.context import Protocol, RunContext
-from pilot.data import TaskStream, load_dataset
+from pilot.data import SourceDataset, TaskStream, load_dataset
 from pilot.data.transforms import Preprocessing
 from pilot.distributed import initialise, is_main, launched, local_device, rank_and_size
 from pilot.errors import PilotError
@@ -92,7 +92,7 @@ def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None
 def run_directory(experiment: ExperimentConfig, seed: int) -> Path:
     """PILOT's layout: <log_dir>/<model>/<dataset>/<B>/<increment>/<prefix>_<seed>_<backbone>."""
     base = 0 if experiment.init_cls == experiment.increment else experiment.init_cls
-    backbone = experiment.backbone_type.replace("/", "-").replace(":", "-")
+    backbone = backbone_label(experiment.backbone_type).replace("/", "-").replace(":", "-")
     prefix = experiment.prefix.strip()
     name = f"{prefix}_{seed}_{backbone}" if prefix else f"{seed}_{backbone}"
     return Path(experiment.log_dir) / experiment.model_name / experiment.dataset / str(base) / str(experiment.increment) / name
@@ -145,6 +145,15 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     return peak
 
 
+def make_context(exp: ExperimentConfig, backbone, dataset: SourceDataset, stream: TaskStream, device: torch.device,
+                 generator: torch.Generator) -> RunContext:
+    """What the learner of ``exp`` gets: the backbone on ``device``, with the preprocessing its config asks for."""
+    learner_cls = learner_class(exp.model_name)
+    preprocessing = Preprocessing(exp.preprocess, backbone.data_config, dataset.resize_to_model, learner_cls.pilot_variant,
+                                  learner_cls.official_variant, exp.model_name, exp.dataset)
+    return RunContext(exp, backbone.to(device), dataset, Protocol.of(stream), device, generator, preprocessing)
+
+
 class Run:
     """One seed's run: everything is built and checked before anything is written.
 
@@ -165,13 +174,10 @@ class Run:
         backbone = create_backbone(exp.backbone_type, exp.pretrained, exp.pretrained_path, exp.weights_dir,
                                    self.seed, **exp.backbone_args)
         self.generator = torch.Generator().manual_seed(self.seed)
-        learner_cls = learner_class(exp.model_name)
-        preprocessing = Preprocessing(exp.preprocess, backbone.data_config, self.dataset.resize_to_model,
-                                      learner_cls.pilot_variant, learner_cls.official_variant, exp.model_name,
-                                      exp.dataset)
-        self.ctx = RunContext(exp, backbone.to(self.device), self.dataset, Protocol.of(self.stream), self.device,
-                              self.generator, preprocessing)
-        self.learner = learner_cls(config.learner, self.ctx)
+        self.ctx = make_context(exp, backbone, self.dataset, self.stream, self.device, self.generator)
+        self.learner = learner_class(exp.model_name)(config.learner, self.ctx)
+        self.backbone_specs = exp.backbone_type if isinstance(exp.backbone_type, list) else [exp.backbone_type]
+        self.backbone_members = list(backbone.members) if isinstance(backbone, BackboneSet) else [backbone]
         self.run_dir = run_directory(exp, self.seed)
         self.checkpoint_path = self.run_dir / CHECKPOINT
         self.restart = restart
@@ -328,6 +334,8 @@ class Run:
             "seed": self.seed,
             "versions": versions(),
             "device": str(self.device),
+            "backbones": [{"type": spec, "identity": member.identity, "feature_dim": member.feature_dim}
+                          for spec, member in zip(self.backbone_specs, self.backbone_members)],
             "class_order": self.stream.order,
             "task_sizes": self.stream.sizes,
             "completed_tasks": m.num_steps,

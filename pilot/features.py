@@ -137,3 +137,14 @@ class FeatureStore:
         if path is not None and is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
             save_state(path, {"key": self.key, "rows": self._rows[part], "known": self._known[part]}, CACHE_KIND)
+
+
+class ConcatenatedFeatures:
+    """Several stores' features of the same images, each row L2-normalised per store, side by side: the
+    features of a set of backbones (each keeps its own cache, so each image is encoded once per backbone)."""
+
+    def __init__(self, stores: list[FeatureStore]):
+        self.stores = stores
+
+    def __call__(self, split: Split) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.normalize(store(split), dim=1) for store in self.stores], dim=1)

@@ -16,6 +16,8 @@ from typing import Optional
 
 import numpy as np
 
+from pilot.config import backbone_label
+
 METRICS = (("average_incremental_accuracy", "Ā"), ("last_accuracy", "last"), ("forgetting", "forgetting"))
 
 
@@ -52,7 +54,7 @@ def protocol(config: dict) -> str:
 
 def group_key(results: dict) -> tuple[str, str, str, str, str]:
     config = results["config"]
-    return (config["model_name"], config["dataset"], protocol(config), config["backbone_type"],
+    return (config["model_name"], config["dataset"], protocol(config), backbone_label(config["backbone_type"]),
             config.get("prefix", "").strip())
 
 

@@ -57,6 +57,12 @@ class Learner:
     def validate_config(cls, config: LearnerConfig) -> None:
         """Raise PilotError for values that are well-typed but meaningless (override as needed)."""
 
+    @classmethod
+    def frozen_features(cls, config: LearnerConfig) -> bool:
+        """Whether the method, so configured, sees the backbone only through ``ctx.features``: then
+        ``backbone_type`` may list several backbones (their features side by side)."""
+        return False
+
     def fit(self, task: Task) -> None:
         raise NotImplementedError
 

@@ -120,6 +120,10 @@ class FirstTaskAdaptationLearner(GradientLearner):
         if config.ffn_num < 1:
             raise PilotError(f"ffn_num (adapter bottleneck) must be at least 1, got {config.ffn_num}.")
 
+    @classmethod
+    def frozen_features(cls, config: AdaptationConfig) -> bool:
+        return config.tuned_epoch == 0
+
     @property
     def has_adaptation(self) -> bool:
         return "adaptation" in self.net

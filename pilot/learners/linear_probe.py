@@ -38,6 +38,10 @@ class LinearProbe(Learner):
         if config.tuned_epoch < 1 or config.batch_size < 1 or config.init_lr <= 0:
             raise PilotError("linear_probe needs tuned_epoch >= 1, batch_size >= 1 and init_lr > 0.")
 
+    @classmethod
+    def frozen_features(cls, config) -> bool:
+        return True
+
     def fit(self, task: Task) -> None:
         features = self.ctx.features(task.train)
         labels = torch.as_tensor(task.train.labels) - task.num_old

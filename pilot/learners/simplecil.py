@@ -15,6 +15,10 @@ class SimpleCIL(Learner):
         super().__init__(config, ctx)
         self.classifier = PrototypeClassifier(ctx.backbone.feature_dim)
 
+    @classmethod
+    def frozen_features(cls, config) -> bool:
+        return True
+
     def fit(self, task: Task) -> None:
         self.classifier.add_classes(self.ctx.features(task.train), torch.as_tensor(task.train.labels), task.classes)
 
