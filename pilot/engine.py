@@ -145,6 +145,15 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     return peak
 
 
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A run's checkpoint state; a clear error, with the choice to start over, where it cannot be read."""
+    try:
+        return load_state(path, CHECKPOINT_KIND)
+    except UnreadableState as err:
+        raise PilotError(f"Cannot use the checkpoint: {err} Start this run over with --restart (which discards "
+                         f"its checkpoint and results), or put back an intact copy of the file.") from None
+
+
 def make_context(exp: ExperimentConfig, backbone, dataset: SourceDataset, stream: TaskStream, device: torch.device,
                  generator: torch.Generator) -> RunContext:
     """What the learner of ``exp`` gets: the backbone on ``device``, with the preprocessing its config asks for."""
@@ -188,15 +197,8 @@ class Run:
 
     # --- checkpoints -----------------------------------------------------------------------------
 
-    def read_checkpoint(self) -> dict[str, Any]:
-        try:
-            return load_state(self.checkpoint_path, CHECKPOINT_KIND)
-        except UnreadableState as err:
-            raise PilotError(f"Cannot use the checkpoint: {err} Start this run over with --restart (which discards "
-                             f"its checkpoint and results), or put back an intact copy of the file.") from None
-
     def _resume(self) -> int:
-        state = self.read_checkpoint()
+        state = read_checkpoint(self.checkpoint_path)
         current = config_for_resume(self.config)
         saved = state["config"]
         changed = sorted(k for k in set(current) | set(saved) if current.get(k) != saved.get(k))

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from pilot.engine import CHECKPOINT, CHECKPOINT_KIND, RESUME_FREE_KEYS, Run, versions
+from pilot.configure import build_config
+from pilot.engine import CHECKPOINT, RESUME_FREE_KEYS, Run, read_checkpoint, versions
 from pilot.errors import PilotError
 from pilot.metrics import AccuracyMatrix
 from pilot.outputs import write_json
-from pilot.statefile import UnreadableState, load_state
 
 # What an evaluation may change: where things are, how they run, and which test images it scores.
 EVALUATION_KEYS = RESUME_FREE_KEYS | {"dataset", "test_per_class", "eval_batch_size", "device"}
@@ -25,8 +25,6 @@ def evaluate_run(run_dir: str | Path, overrides: Optional[dict[str, Any]] = None
                  output: Optional[str | Path] = None) -> dict[str, Any]:
     """Re-evaluate the run in ``run_dir`` (with ``overrides`` of EVALUATION_KEYS); writes ``output``
     (default ``<run dir>/evaluation.json``, named in the result) and returns what it wrote."""
-    from pilot.configure import build_config
-
     run_dir = Path(run_dir)
     overrides = overrides or {}
     fixed = sorted(set(overrides) - EVALUATION_KEYS)
@@ -57,10 +55,7 @@ def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise PilotError(f"'{path}' not found: give the directory of a run (where results.json is); a run writes "
                          f"its checkpoint after each task.")
-    try:
-        return load_state(path, CHECKPOINT_KIND)
-    except UnreadableState as err:
-        raise PilotError(f"Cannot evaluate: {err}") from None
+    return read_checkpoint(path)
 
 
 def _require_same_classes(trained: list[str], found: list[str], dataset: str) -> None:

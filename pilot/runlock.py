@@ -1,4 +1,4 @@
-"""One process per run directory: a lock file that names its holder (host, PID, start time).
+"""One process per run directory: a lock file that names its holder (host, PID, since when).
 
 The lock is an exclusive ``flock`` on ``<run dir>/.pilot.lock``, which the kernel drops when its
 process dies, however it dies: a lock file that nobody holds is what a killed run left behind, and
@@ -83,8 +83,7 @@ def _lock_or_refuse(fd: int, path: Path) -> None:
 
 
 def _me() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def _holder(path: Path) -> Optional[dict]:
@@ -99,23 +98,14 @@ def _describe(holder: dict) -> str:
     return f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
 
 
-def _process_start(pid: int) -> Optional[str]:
-    """The process's start time in clock ticks since boot (Linux), so a reused PID is not taken for the holder."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def _alive_here(holder: dict) -> bool:
     """Whether the holder may still run: on another host we cannot tell, so it may."""
     if holder.get("host") != socket.gethostname():
         return True
-    pid = holder.get("pid")
     try:
-        os.kill(int(pid), 0)
+        os.kill(int(holder.get("pid")), 0)  # signal 0 only asks whether the process exists
     except ProcessLookupError:
         return False
-    except (PermissionError, TypeError, ValueError):
-        return True
-    return _process_start(int(pid)) == holder.get("process_start")
+    except (PermissionError, TypeError, ValueError):  # another user's process, or no PID recorded: assume alive
+        pass
+    return True

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from pilot.data.datasets import UnreadableImage
+from pilot.data.datasets import DECODE_ERRORS, UnreadableImage
 from pilot.errors import PilotError
 
 LISTED = 5  # files or classes named in one message
@@ -22,9 +22,9 @@ def check_classes(labels: np.ndarray, num_classes: int, class_names: Sequence[st
     counts = np.bincount(labels, minlength=num_classes)[:num_classes]
     empty = [f"'{class_names[label]}'" for label in np.flatnonzero(counts == 0)]
     if empty:
-        subset = f" after {part}_per_class" if part in ("train", "test") else ""
         raise PilotError(
-            f"{_listed(empty, 'class', 'classes')} {'has' if len(empty) == 1 else 'have'} no {part} images{subset}. "
+            f"{_listed(empty, 'class', 'classes')} {'has' if len(empty) == 1 else 'have'} no {part} images after "
+            f"{part}_per_class. "
             f"Every class needs at least one training and one test image: add images to "
             f"{'its' if len(empty) == 1 else 'their'} {part} folder, or remove the class from both train/ and test/."
         )
@@ -38,7 +38,7 @@ def check_files(paths: Sequence[str]) -> None:
         try:
             with Image.open(path):
                 pass
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        except DECODE_ERRORS as err:
             bad.append(f"'{path}' ({type(err).__name__}: {err})")
     if bad:
         raise UnreadableImage(f"{_listed(bad, 'image file', 'image files')} cannot be read. Replace or delete "

@@ -17,11 +17,15 @@ from PIL import Image
 
 from pilot.errors import PilotError
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+# What PIL raises for a file it cannot open or decode.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 class UnreadableImage(PilotError):
     """An image file that cannot be opened or decoded."""
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
 @dataclass
@@ -41,7 +45,7 @@ class ImageSet:
         try:
             with Image.open(item) as image:
                 return image.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        except DECODE_ERRORS as err:
             raise UnreadableImage(f"Image file '{item}' cannot be decoded ({type(err).__name__}: {err}). Replace or "
                                   f"delete it, then continue with --resume.") from None
 
