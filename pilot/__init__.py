@@ -1,2 +1,2 @@
 """pilot: class-incremental learning on pre-trained models."""
-__version__ = "0.2.0"
+__version__ = "0.3.0"

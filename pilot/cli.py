@@ -41,7 +41,8 @@ sweep's record is <log_dir>/sweeps/<name>/sweep.json; its runs share one feature
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="pilot", description="Run a class-incremental learning experiment from a JSON config.",
+        prog="pilot",
+        description="Run a continual-learning experiment (class-, task- or domain-incremental) from a JSON config.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="JSON config (PILOT's key names), e.g. exps/simplecil.json")

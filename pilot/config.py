@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from pilot.data.stream import SCENARIOS
 from pilot.errors import PilotError
 
-# PILOT keys that have no meaning in this toolkit (exemplar memory, multi-GPU device lists,
-# model-file switches). Accepted so that PILOT configs load, with one warning.
+# PILOT keys that have no meaning in this toolkit (multi-GPU device lists, model-file switches). Accepted so that PILOT configs load, with one warning.
 IGNORED_PILOT_KEYS = frozenset({
-    "memory_size", "memory_per_class", "fixed_memory", "get_original_backbone", "model_postfix",
+    "get_original_backbone", "model_postfix",
     "freeze", "global_pool", "head_type", "drop", "drop_path", "use_simplecil", "vpt_type",
     "prompt_token_num", "tuned_epoch", "init_lr", "weight_decay", "min_lr", "optimizer",
     "scheduler", "reinit_optimizer", "batch_size", "down_sample_dim",
@@ -51,6 +51,14 @@ class ExperimentConfig:
 
     model_name: str = "simplecil"
     dataset: str = "cifar224"
+    # "class": each task brings new classes; "domain": each task is a new domain of the same classes;
+    # "task": class-incremental with the task known at test time (prediction among its classes).
+    scenario: str = "class"
+    # Domain streams: the domains' order by name; empty = every domain, shuffled by seed as PILOT shuffles classes.
+    domain_order: list[str] = field(default_factory=list)
+    # Human-readable class names in the dataset's class order: a list, or a JSON file holding one;
+    # empty = the dataset's own (CIFAR's meta file, folder names, WordNet names).
+    class_names: Union[str, list[str]] = ""
     prefix: str = ""
     shuffle: bool = True
     init_cls: int = 10
@@ -83,6 +91,14 @@ class ExperimentConfig:
     synthetic_classes: int = 10
     synthetic_per_class: int = 8
     synthetic_image_size: int = 32
+    # Domains of the synthetic domain dataset (dataset "synthetic_domains"): the same classes, shifted colours.
+    synthetic_domains: int = 3
+    # Rehearsal memory (PILOT's keys), for learners that replay exemplars: a total budget shared by every
+    # class seen (memory_size), or memory_per_class each with fixed_memory; "herding" (iCaRL) or "random".
+    memory_size: int = 0
+    memory_per_class: int = 0
+    fixed_memory: bool = False
+    memory_selection: str = "herding"
     # Optional on-disk cache of frozen-backbone features; empty = in memory only.
     feature_cache_dir: str = ""
     log_dir: str = "logs"
@@ -187,6 +203,23 @@ def _validate_experiment(exp: ExperimentConfig) -> None:
             raise PilotError(f"{key} must be 0 (no limit) or positive (got {getattr(exp, key)}).")
 
 
+def _check_learner_fits(learner_cls: type, exp: ExperimentConfig) -> None:
+    """The scenario is one the learner honours; memory keys for a learner that stores no exemplars are a warning."""
+    name = learner_cls.name
+    if exp.scenario not in SCENARIOS:
+        raise PilotError(f"scenario must be one of {', '.join(SCENARIOS)}, got '{exp.scenario}'.")
+    if exp.scenario not in learner_cls.scenarios:
+        why = f": {learner_cls.domain_refusal}" if exp.scenario == "domain" else ""
+        raise PilotError(f"{name} does not support scenario \"{exp.scenario}\"{why}. It supports "
+                         f"{', '.join(learner_cls.scenarios)}; the README's learner table lists each learner's scenarios.")
+    if exp.domain_order and exp.scenario != "domain":
+        raise PilotError(f"domain_order orders a domain stream, but scenario is \"{exp.scenario}\": set scenario to "
+                         f"\"domain\" or remove domain_order.")
+    if not learner_cls.uses_memory and (exp.memory_size or exp.memory_per_class):
+        warnings.warn(f"'{name}' is exemplar-free: it stores no exemplars, so memory_size ({exp.memory_size}) and "
+                      f"memory_per_class ({exp.memory_per_class}) are ignored.", stacklevel=4)
+
+
 def canonical_keys(values: dict[str, Any], fields: set[str], source: str) -> dict[str, Any]:
     """``values`` with PILOT's alternative names renamed to the learner's field names.
 
@@ -237,6 +270,7 @@ def assemble_config(learner_cls: type, raw: dict[str, Any], overrides: dict[str,
         )
     experiment = _build(ExperimentConfig, exp_values)
     _validate_experiment(experiment)
+    _check_learner_fits(learner_cls, experiment)
     learner = _build(learner_cls.config_class, learner_values)
     learner_cls.validate_config(learner)
     if isinstance(experiment.backbone_type, list) and not learner_cls.frozen_features(learner):

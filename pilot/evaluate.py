@@ -11,11 +11,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from pilot.assembly import assemble
+from pilot.checkpoints import RESUME_FREE_KEYS, CheckpointStore
 from pilot.configure import build_config
-from pilot.engine import CHECKPOINT, RESUME_FREE_KEYS, Run, read_checkpoint, versions
+from pilot.engine import evaluate_seen_tasks
 from pilot.errors import PilotError
 from pilot.metrics import AccuracyMatrix
 from pilot.outputs import write_json
+from pilot.results import versions
 
 # What an evaluation may change: where things are, how they run, and which test images it scores.
 EVALUATION_KEYS = RESUME_FREE_KEYS | {"dataset", "test_per_class", "eval_batch_size", "device"}
@@ -31,19 +34,24 @@ def evaluate_run(run_dir: str | Path, overrides: Optional[dict[str, Any]] = None
     if fixed:
         raise PilotError(f"pilot evaluate cannot change {', '.join(fixed)}: they define what the run learnt. It can "
                          f"set {', '.join(sorted(EVALUATION_KEYS))}.")
-    state = _read(run_dir / CHECKPOINT)
+    checkpoint = CheckpointStore(run_dir)
+    state = _read(checkpoint)
     started = time.perf_counter()
-    run = Run(build_config(state["run_config"], {"progress": False, **overrides}), parts=("test",))
+    run = assemble(build_config(state["run_config"], {"progress": False, **overrides}), parts=("test",))
     _require_same_classes(state["class_names"], run.dataset.class_names, run.dataset.name)
-    run.checkpoint_path = run_dir / CHECKPOINT
-    completed = run.restore(state)
-    correct, total = run.evaluate(completed - 1)
+    completed = checkpoint.restore(state, run.state_parts(), run.config.experiment.model_name)
+    scores = evaluate_seen_tasks(run.learner, run.stream, completed - 1)
+    task_scenario = run.stream.scenario == "task"  # the run's headline accuracy is task-incremental
+    correct, total = scores.task_correct if task_scenario else scores.correct, scores.total
+    recorded = AccuracyMatrix(**state["task_metrics" if task_scenario else "metrics"])
     evaluation = {
-        "run_dir": str(run_dir), "checkpoint": str(run.checkpoint_path), "completed_tasks": completed,
+        "run_dir": str(run_dir), "checkpoint": str(checkpoint.path), "completed_tasks": completed,
         "dataset": run.dataset.name, "data_path": run.config.experiment.data_path,
-        "overrides": overrides, "accuracy": 100.0 * sum(correct) / sum(total),
+        "overrides": overrides, "scenario": run.stream.scenario, "accuracy": 100.0 * sum(correct) / sum(total),
         "task_accuracy": [100.0 * c / n for c, n in zip(correct, total)],
-        "recorded_accuracy": AccuracyMatrix(**state["metrics"]).accuracy(completed - 1),
+        **({} if run.stream.scenario == "domain" else {"task_il_accuracy": 100.0 * sum(scores.task_correct) / sum(total)}),
+        "recorded_accuracy": recorded.accuracy(completed - 1),
+        "per_class_accuracy": scores.per_class_accuracy(run.stream.class_names),
         "counts": {"correct": correct, "total": total}, "seconds": time.perf_counter() - started,
         "versions": versions(), "output": str(output or run_dir / "evaluation.json"),
     }
@@ -51,11 +59,11 @@ def evaluate_run(run_dir: str | Path, overrides: Optional[dict[str, Any]] = None
     return evaluation
 
 
-def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise PilotError(f"'{path}' not found: give the directory of a run (where results.json is); a run writes "
-                         f"its checkpoint after each task.")
-    return read_checkpoint(path)
+def _read(checkpoint: CheckpointStore) -> dict[str, Any]:
+    if not checkpoint.exists():
+        raise PilotError(f"'{checkpoint.path}' not found: give the directory of a run (where results.json is); a "
+                         f"run writes its checkpoint after each task.")
+    return checkpoint.read()
 
 
 def _require_same_classes(trained: list[str], found: list[str], dataset: str) -> None:

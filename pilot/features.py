@@ -34,8 +34,10 @@ class FeatureStore:
     """``encode(split)`` gives the features of a split's images in split order; ``key`` names the
     encoder, its weights, the transform and the dataset (the disk cache's key)."""
 
-    def __init__(self, encode: Callable[[Split], torch.Tensor], key: str, cache_dir: Optional[str] = None):
+    def __init__(self, encode: Callable[[Split], torch.Tensor], key: str, cache_dir: Optional[str] = None,
+                 check: Callable[[Split], None] = lambda split: None):
         self.encode = encode
+        self.check = check  # raises where the reader may not see the split (pilot.context.DataAccess)
         self.key = key
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._rows: dict[str, torch.Tensor] = {}
@@ -45,6 +47,7 @@ class FeatureStore:
 
     def __call__(self, split: Split) -> torch.Tensor:
         """Features ([len(split), D], float32, CPU) of the split's images, in split order."""
+        self.check(split)
         if split.part not in self._rows:
             self._merge_saved(split)
         missing = any_rank(self._missing(split))  # torchrun: encoding is collective, every rank encodes what any lacks

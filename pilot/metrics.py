@@ -1,11 +1,58 @@
-"""Class-incremental metrics from per-step, per-task correct/total counts.
+"""Continual-learning metrics from per-step, per-task correct/total counts.
 
 After step t (0-based) the model is tested on the test images of every task j <= t. ``R[t][j]`` is
-the accuracy (%) on task j's classes after step t, keyed by task index. All numbers are percentages.
+the accuracy (%) on task j's test images after step t (its classes, or its domain), keyed by task
+index. All numbers are percentages.
+
+Class-incremental predictions are the argmax over every class seen; task-incremental ones (the task
+known at test time) the argmax over the image's own task's classes, from the same logits.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
+import torch
+
+
+def correct_predictions(logits: torch.Tensor, labels: torch.Tensor, task_classes: range) -> tuple[int, int]:
+    """Correct class-incremental and task-incremental predictions of ``logits`` ([N, classes seen]) for
+    images of one task whose classes are ``task_classes``."""
+    task_logits = logits[:, task_classes.start:task_classes.stop]
+    class_il = int((logits.argmax(1) == labels).sum())
+    task_il = int((task_logits.argmax(1) + task_classes.start == labels).sum())
+    return class_il, task_il
+
+
+@dataclass
+class Evaluation:
+    """One evaluation step's counts: per task seen, correct class-incremental and task-incremental predictions
+    and test images; per class (label), correct class-incremental predictions and test images."""
+
+    correct: list[int] = field(default_factory=list)
+    task_correct: list[int] = field(default_factory=list)
+    total: list[int] = field(default_factory=list)
+    class_correct: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    class_total: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def add_task(self, logits: torch.Tensor, labels: torch.Tensor, task_classes: range) -> None:
+        class_il, task_il = correct_predictions(logits, labels, task_classes)
+        self.correct.append(class_il)
+        self.task_correct.append(task_il)
+        self.total.append(len(labels))
+        hits = (logits.argmax(1) == labels).numpy()
+        classes = logits.shape[1]
+        self.class_correct = self._grown(self.class_correct, classes) + np.bincount(labels.numpy(), hits, classes).astype(np.int64)
+        self.class_total = self._grown(self.class_total, classes) + np.bincount(labels.numpy(), minlength=classes)
+
+    @staticmethod
+    def _grown(counts: np.ndarray, size: int) -> np.ndarray:
+        return np.pad(counts, (0, size - len(counts)))
+
+    def per_class_accuracy(self, class_names: list[str]) -> dict[str, float]:
+        """Accuracy (%) of each class with test images, by name."""
+        return {class_names[c]: 100.0 * float(self.class_correct[c]) / int(self.class_total[c])
+                for c in np.flatnonzero(self.class_total)}
 
 
 class AccuracyMatrix:

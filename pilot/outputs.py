@@ -14,8 +14,9 @@ from typing import Any
 
 from pilot.errors import PilotError
 
-CSV_COLUMNS = ["task", "classes_seen", "accuracy", "average_incremental_accuracy", "old_accuracy",
-               "new_accuracy", "forgetting", "backward_transfer", "train_seconds", "eval_seconds"]
+CSV_COLUMNS = ["task", "classes_seen", "domain", "accuracy", "average_incremental_accuracy", "old_accuracy",
+               "new_accuracy", "forgetting", "backward_transfer", "class_il_accuracy", "task_il_accuracy",
+               "train_seconds", "eval_seconds"]
 TEMP_SUFFIX = ".tmp"
 
 

@@ -15,12 +15,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pilot.backbones import create_backbone, source_classifier
+from pilot.assembly import build_backbone, load_stream, make_context, resolve_device, seed_everything
+from pilot.backbones import source_classifier
 from pilot.config import RunConfig
-from pilot.data import Split, TaskStream, load_dataset
-from pilot.engine import make_context, resolve_device, seed_everything, versions
+from pilot.data import Split, TaskStream
 from pilot.errors import PilotError
 from pilot.outputs import write_json
+from pilot.results import versions
 from pilot.transferability import ESTIMATORS, leep
 
 SCORES = (*ESTIMATORS, "leep")
@@ -46,9 +47,7 @@ def select(config: RunConfig, candidates: list[str], tasks: int = 1, rank_by: st
     started = time.perf_counter()
     exp = config.experiment
     seed = exp.seed[0]
-    dataset = load_dataset(exp, ("train",))
-    stream = TaskStream(dataset, exp.init_cls, exp.increment, exp.shuffle, seed, exp.train_per_class,
-                        exp.test_per_class, exp.max_tasks, checked=("train",))
+    dataset, stream = load_stream(exp, seed, ("train",))
     split = first_tasks(stream, tasks)
     labels = torch.as_tensor(split.labels)
     device = resolve_device(exp.device)
@@ -72,7 +71,7 @@ def score_candidate(config: RunConfig, spec: str, dataset, stream: TaskStream, s
     exp = config.experiment
     seed = exp.seed[0]
     seed_everything(seed)  # as a run does before building its backbone
-    backbone = create_backbone(spec, exp.pretrained, None, exp.weights_dir, seed, **exp.backbone_args)
+    backbone = build_backbone(exp, seed, spec)
     ctx = make_context(exp, backbone, dataset, stream, device, torch.Generator().manual_seed(seed))
     encoding = time.perf_counter()
     features = ctx.features(split)

@@ -1,7 +1,9 @@
 """Tables over runs: ``pilot summarize <run dirs, folders of runs, or sweep dirs>``.
 
 One row per (learner, dataset, protocol, backbone, setting) with the mean ± standard deviation over
-its seeds of Ā, last accuracy and forgetting, as Markdown (printed), CSV and LaTeX. The setting is
+its seeds of Ā, last accuracy and forgetting, and task-incremental Ā and last accuracy (the same
+runs' logits restricted to each image's task; "-" for domain streams), as Markdown (printed), CSV
+and LaTeX. The setting is
 the run's ``prefix``, where a sweep writes its grid point. Standard deviations are NumPy's default
 (population, ddof 0), as printed under every table.
 """
@@ -18,7 +20,16 @@ import numpy as np
 
 from pilot.config import backbone_label
 
-METRICS = (("average_incremental_accuracy", "Ā"), ("last_accuracy", "last"), ("forgetting", "forgetting"))
+METRICS = (("average_incremental_accuracy", "Ā"), ("last_accuracy", "last"), ("forgetting", "forgetting"),
+           ("task_il.average_incremental_accuracy", "task-IL Ā"), ("task_il.last_accuracy", "task-IL last"))
+
+
+def metric(results: dict, key: str) -> Optional[float]:
+    """``results[key]``, where a dotted key reads a nested block (None where the run has none)."""
+    value = results
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def find_runs(paths: list[str]) -> list[Path]:
@@ -42,9 +53,12 @@ def load_runs(paths: list[str]) -> tuple[list[Path], list[dict]]:
 
 
 def protocol(config: dict) -> str:
-    """B<base> Inc<increment>, and the subset and task limit where the run used them."""
+    """B<base> Inc<increment> (a domain stream: its domains; task-IL: marked), and the subset and task limit
+    where the run used them."""
     base = 0 if config["init_cls"] == config["increment"] else config["init_cls"]
-    parts = [f"B{base} Inc{config['increment']}"]
+    scenario = config.get("scenario", "class")
+    parts = ([f"domains {'>'.join(config['domain_order']) or 'shuffled'}"] if scenario == "domain"
+             else [f"{'task-IL ' if scenario == 'task' else ''}B{base} Inc{config['increment']}"])
     if config.get("train_per_class") or config.get("test_per_class"):
         parts.append(f"{config.get('train_per_class') or 'all'}/{config.get('test_per_class') or 'all'} per class")
     if config.get("max_tasks"):
@@ -69,7 +83,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         row = {"learner": learner, "dataset": dataset, "protocol": proto, "backbone": backbone,
                "setting": setting, "seeds": sorted(r["seed"] for r in members)}
         for key, _ in METRICS:
-            values = [r[key] for r in members if r[key] is not None]
+            values = [metric(r, key) for r in members if metric(r, key) is not None]
             row[key] = (float(np.mean(values)), float(np.std(values))) if values else None
         rows.append(row)
     return rows
@@ -108,7 +122,8 @@ def _latex_escape(text: str) -> str:
 def latex(rows: list[dict]) -> str:
     lines = [r"\begin{tabular}{lllllr" + "c" * len(METRICS) + "}", r"\toprule",
              " & ".join(["Learner", "Dataset", "Protocol", "Backbone", "Setting", "Seeds"]
-                        + [r"$\bar{A}$", "Last", "Forgetting"]) + r" \\", r"\midrule"]
+                        + [r"$\bar{A}$", "Last", "Forgetting", r"Task-IL $\bar{A}$", "Task-IL last"]) + r" \\",
+             r"\midrule"]
     for row in rows:
         cells = [_latex_escape(str(row[c])) for c in COLUMNS[:-1]] + [str(len(row["seeds"]))]
         cells += ["-" if row[key] is None else f"${row[key][0]:.2f} \\pm {row[key][1]:.2f}$" for key, _ in METRICS]

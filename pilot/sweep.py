@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from pilot.checkpoints import CheckpointStore
 from pilot.config import load_raw
 from pilot.configure import build_config
-from pilot.engine import CHECKPOINT, is_complete, run_directory
+from pilot.engine import run_directory
 from pilot.errors import PilotError
 from pilot.outputs import write_json
+from pilot.results import is_complete
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class SweepRun:
         """'complete', 'unfinished' (a checkpoint to resume from) or 'new'."""
         if is_complete(self.run_dir):
             return "complete"
-        return "unfinished" if (self.run_dir / CHECKPOINT).is_file() else "new"
+        return "unfinished" if CheckpointStore(self.run_dir).exists() else "new"
 
 
 @dataclass
@@ -147,17 +149,18 @@ def _json_or_text(text: str) -> Any:
 
 
 def run_one(config_path: str, overrides: dict[str, Any], resume: bool, cwd: str, threads: int) -> dict[str, Any]:
-    """One run in this process (a Ray worker or the driver): the record that sweep.json keeps."""
+    """One run in this process (a Ray worker or the driver), started as ``pilot`` starts one (its run
+    directory checked first): the record that sweep.json keeps."""
     import torch
 
-    from pilot.engine import Run
+    from pilot.engine import run_experiment
 
     if os.path.isdir(cwd):
         os.chdir(cwd)  # relative paths in the config mean what they mean on the driver (local clusters)
     torch.set_num_threads(max(1, threads))
     started = time.time()
     try:
-        result = Run(build_config(load_raw(config_path), overrides), resume=resume).execute()
+        (result,) = run_experiment(build_config(load_raw(config_path), overrides), resume=resume)
     except Exception as err:  # a failed run is recorded, the sweep goes on
         return {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
                 "started": started, "finished": time.time(), "host": os.uname().nodename, "pid": os.getpid()}

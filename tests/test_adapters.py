@@ -5,7 +5,7 @@ import timm
 import torch
 from torch import nn
 
-from pilot.modules.adapters import Adapter, attach_adapters, attach_ssf, attach_visual_prompts, freeze
+from pilot.modules.adapters import Adapter, AdapterBank, attach_adapters, attach_ssf, attach_visual_prompts, freeze
 
 
 def tiny_vit() -> nn.Module:
@@ -97,6 +97,33 @@ def test_adapter_state_dict_round_trip(images: torch.Tensor) -> None:
     fresh = attach_adapters(vit).eval()
     fresh.load_state_dict(saved)
     assert torch.equal(vit(images), adapted)
+
+
+def test_adapter_bank_closes_sets_and_rebuilds_them_from_its_state_dict(images: torch.Tensor) -> None:
+    vit = tiny_vit()
+
+    def bank() -> AdapterBank:  # a store is the frozen set's output on ``images``
+        def open_store(adapters):
+            freeze(adapters)
+            with torch.no_grad():
+                return vit(images)
+        return AdapterBank(lambda: attach_adapters(vit, bottleneck=8), open_store)
+
+    saved = nn.ModuleDict({"adapters": bank()})  # as in a learner's ``net``
+    trained = saved["adapters"].add()
+    randomize(trained)
+    saved["adapters"].close()
+    copied = saved["adapters"].add(trained.state_dict())
+    assert torch.equal(copied.units[0].up.weight, trained.units[0].up.weight) and copied.units[0].up.weight.requires_grad
+    saved["adapters"].close()
+    assert not any(p.requires_grad for p in saved.parameters()) and len(saved["adapters"].stores) == 2
+
+    resumed = nn.ModuleDict({"adapters": bank()})
+    resumed.load_state_dict(saved.state_dict())
+    assert len(resumed["adapters"]) == 2 and not any(p.requires_grad for p in resumed.parameters())
+    assert resumed.state_dict().keys() == saved.state_dict().keys()
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in saved.state_dict().items())
+    assert len(resumed["adapters"].stores) == 2
 
 
 def test_deepcopy_of_parent_gives_independent_adapted_model(images: torch.Tensor) -> None:

@@ -4,6 +4,7 @@ import torch
 
 from pilot.configure import build_config
 from pilot.engine import Run
+from pilot.learners.finetune import Finetune
 
 from conftest import assert_resume_matches_uninterrupted, tiny_raw
 
@@ -24,7 +25,7 @@ def test_finetune_changes_every_backbone_weight(tmp_path):
 def test_first_and_later_tasks_use_their_own_settings(tmp_path):
     config = bound_config(tmp_path, "finetune", init_epoch=2, init_lr=0.05, init_weight_decay=0.01, epochs=3,
                           lrate=0.02, weight_decay=0.003).learner
-    first, later = config.settings(True), config.settings(False)
+    first, later = Finetune.settings(config, True), Finetune.settings(config, False)
     assert (first.tuned_epoch, first.init_lr, first.weight_decay) == (2, 0.05, 0.01)
     assert (later.tuned_epoch, later.init_lr, later.weight_decay) == (3, 0.02, 0.003)
     assert first.optimizer == later.optimizer == "sgd"
@@ -33,7 +34,7 @@ def test_first_and_later_tasks_use_their_own_settings(tmp_path):
 def test_pilots_milestones_past_the_last_epoch_warn_and_keep_the_rate(tmp_path):
     with pytest.warns(UserWarning, match="does not decay"):
         config = bound_config(tmp_path, "finetune", init_milestones=[60, 120], init_epoch=2).learner
-    assert config.settings(True).milestones == []
+    assert Finetune.settings(config, True).milestones == []
 
 
 @pytest.mark.parametrize("learner", ["finetune", "joint"])
@@ -96,7 +97,7 @@ def test_finetune_trains_as_pilots_loop_written_out(tmp_path, monkeypatch):
             head.weight.copy_(torch.cat([h.weight for h in heads[: task.index + 1]]))
             head.bias.copy_(torch.cat([h.bias for h in heads[: task.index + 1]]))
         learner.fit(task)
-        settings = learner.config.settings(task.index == 0)
+        settings = learner.task_settings(task)
         pilot_finetune_by_hand(backbone, head, batches[task.index], task.num_old, settings, settings.tuned_epoch)
         for (name, ours), theirs in zip(run.ctx.backbone.named_parameters(), backbone.parameters()):
             torch.testing.assert_close(ours, theirs, msg=f"task {task.index}: {name}")

@@ -31,7 +31,15 @@ def test_pilot_simplecil_config_loads_with_one_warning(tmp_path):
         config = load_config(path)
     assert len(caught) == 1
     assert config.experiment.seed == [1993] and config.experiment.dataset == "cifar224"
-    assert {"memory_size", "tuned_epoch", "batch_size"} <= set(config.ignored_keys)
+    assert {"tuned_epoch", "batch_size"} <= set(config.ignored_keys)
+    assert config.experiment.memory_size == 0 and "memory_size" not in config.ignored_keys
+
+
+def test_memory_keys_for_an_exemplar_free_learner_are_a_warning(tmp_path):
+    path = tmp_path / "simplecil.json"
+    path.write_text(json.dumps({**PILOT_SIMPLECIL, "memory_size": 2000}))
+    with pytest.warns(UserWarning, match=r"'simplecil' is exemplar-free: .*memory_size \(2000\).* are ignored"):
+        load_config(path)
 
 
 def test_unknown_key_names_the_closest_valid_one(tiny_config):
@@ -124,7 +132,8 @@ def test_pilot_prompt_configs_load(raw):
 def test_repo_configs_load():
     from pathlib import Path
 
-    for path in sorted(Path(__file__).resolve().parents[1].glob("exps/*.json")):
+    exps = Path(__file__).resolve().parents[1] / "exps"
+    for path in sorted([*exps.glob("*.json"), *exps.glob("domainnet/*.json")]):
         load_config(path)
 
 

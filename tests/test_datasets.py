@@ -1,11 +1,11 @@
 import pickle
 import tarfile
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from pilot.config import ExperimentConfig
 from pilot.data.datasets import load_cifar100, load_dataset, load_folder
 from pilot.errors import PilotError
 
@@ -82,4 +82,4 @@ def test_missing_folder_dataset_says_what_to_do(tmp_path):
 
 def test_unknown_dataset_lists_the_known_ones():
     with pytest.raises(PilotError, match="Known datasets: .*cifar224"):
-        load_dataset(SimpleNamespace(dataset="cifar1000"))
+        load_dataset(ExperimentConfig(dataset="cifar1000"))

@@ -75,6 +75,14 @@ def test_pretrained_subspace_weighs_beta():
     torch.testing.assert_close(logits, cosines[..., 1] + 0.5 * cosines[..., 0])
 
 
+def test_later_settings_apply_only_when_the_first_task_differs_in_size(tmp_path):
+    """As the official code: ``later_epochs``/``later_lr`` for tasks 2.. of a B4-Inc2 stream, not of an Inc2 one."""
+    for init_cls, later in ((4, [3, 3, 3]), (2, [1, 1, 1, 1])):
+        run = Run(ease_config(tmp_path / str(init_cls), init_cls=init_cls, later_epochs=3, later_lr=0.5))
+        epochs = [run.learner.task_settings(task).tuned_epoch for task in run.stream.tasks]
+        assert epochs == [1] + later
+
+
 def test_each_task_adds_one_trained_adapter_and_leaves_earlier_ones_bit_identical(tmp_path):
     run = Run(ease_config(tmp_path))
     learner = run.learner

@@ -6,6 +6,7 @@ import torch
 
 from pilot import engine
 from pilot.cli import main
+from pilot.data import TaskStream, load_dataset
 from pilot.engine import Run, run_experiment
 from pilot.statefile import load_state
 
@@ -23,7 +24,7 @@ def test_end_to_end_outputs(tiny_config):
     assert result["status"] == "complete" and result["completed_tasks"] == 4
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["accuracy_curve"] == pytest.approx(result["accuracy_curve"])
-    assert saved["class_order"] == engine.TaskStream(engine.load_dataset(tiny_config().experiment), 4, 2, True, 1).order
+    assert saved["class_order"] == TaskStream(load_dataset(tiny_config().experiment), 4, 2, True, 1).order
     assert len(saved["accuracy_matrix"]) == 4 and saved["accuracy_matrix"][0][1] is None
     assert {"torch", "timm", "pilot"} <= set(saved["versions"])
     assert (run_dir / "metrics.csv").read_text().count("\n") == 5

@@ -98,12 +98,12 @@ def test_retrieval_picks_the_adapter_the_official_loop_picks(tmp_path):
     split = run.stream.tasks[1].test
     generator = torch.Generator().manual_seed(3)
     features = torch.randn(len(split), len(learner.stores), learner.ctx.backbone.feature_dim, generator=generator)
-    learner.stores = [lambda s, j=j: features[:, j] for j in range(len(learner.stores))]
+    learner.net["adapters"].stores = [lambda s, j=j: features[:, j] for j in range(len(learner.stores))]
     set_values(learner.net["head"], generator)  # a head that disagrees with the prototypes: several rounds
     with torch.no_grad():
         first_guess = learner.prototypes(features[:, 0])
         expected = retrieval_by_hand(first_guess, features, lambda x: learner.net["head"](x)[:, :learner.num_seen],
-                                     learner.class_tasks(), len(learner.stores))
+                                     run.ctx.protocol.task_of(torch.arange(learner.num_seen)), len(learner.stores))
     torch.testing.assert_close(learner.predict(split), expected)
 
 

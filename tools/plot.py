@@ -1,6 +1,7 @@
 """Plot finished (or running) runs: ``python tools/plot.py <run dirs...> [--out DIR]``.
 
-Writes accuracy_curve.png (accuracy vs classes seen, all runs overlaid), mean_curve.png (per
+Writes accuracy_curve.png (accuracy vs classes seen, or domains seen, all runs overlaid; beside it a
+task-incremental panel where runs recorded task-IL accuracy), mean_curve.png (per
 learner and setting, the mean curve over seeds with a ±std band), forgetting.png (per-task
 forgetting at the last step, runs side by side) and accuracy_matrix_<run>.png (one heatmap per
 run). A directory argument may hold many runs: every results.json below it is used.
@@ -27,20 +28,38 @@ def label(results: dict) -> str:
     return " ".join(filter(None, [config["model_name"], prefix, f"seed {results['seed']}"]))
 
 
+def is_domain_stream(results: dict) -> bool:
+    return results["config"].get("scenario", "class") == "domain"
+
+
 def classes_seen(results: dict) -> list[int]:
+    """The x-axis: classes seen after each task, or domains seen in a domain stream."""
+    if is_domain_stream(results):
+        return list(range(1, results["completed_tasks"] + 1))
     return np.cumsum(results["task_sizes"])[: results["completed_tasks"]].tolist()
 
 
+def x_label(runs: list[dict]) -> str:
+    return "domains seen" if all(is_domain_stream(r) for r in runs) else "classes seen"
+
+
 def plot_curves(runs: list[dict], out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for results in runs:
-        avg = results["average_incremental_accuracy"]
-        ax.plot(classes_seen(results), results["accuracy_curve"], marker="o", markersize=3,
-                label=f"{label(results)} (avg {avg:.2f}, last {results['last_accuracy']:.2f})")
-    ax.set(xlabel="classes seen", ylabel="top-1 accuracy on all seen classes (%)",
-           title=f"Accuracy over the task stream ({runs[0]['config']['dataset']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    """The runs' accuracy curves; with a second panel of task-incremental accuracy where runs have it."""
+    task_il = [r for r in runs if r.get("task_il")]
+    fig, axes = plt.subplots(1, 2 if task_il else 1, figsize=(12 if task_il else 7, 4.5), squeeze=False)
+    panels = [(runs, lambda r: r, "top-1 accuracy on all seen classes (%)", "Accuracy over the task stream")]
+    if task_il:
+        panels.append((task_il, lambda r: r["task_il"], "top-1 accuracy within each image's task (%)",
+                       "Task-incremental accuracy (task known at test time)"))
+    for ax, (members, block, y_label, title) in zip(axes[0], panels):
+        for results in members:
+            metrics = block(results)
+            ax.plot(classes_seen(results), metrics["accuracy_curve"], marker="o", markersize=3,
+                    label=f"{label(results)} (avg {metrics['average_incremental_accuracy']:.2f}, last "
+                          f"{metrics['last_accuracy']:.2f})")
+        ax.set(xlabel=x_label(members), ylabel=y_label, title=f"{title} ({runs[0]['config']['dataset']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return save(fig, out / "accuracy_curve.png")
 
 
@@ -59,7 +78,7 @@ def plot_mean_curves(runs: list[dict], out: Path) -> Path:
                         label=f"{' '.join(filter(None, [learner, setting]))} ({len(members)} seeds, last "
                               f"{mean[-1]:.2f} ± {std[-1]:.2f})")
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    ax.set(xlabel="classes seen", ylabel="top-1 accuracy on all seen classes (%)",
+    ax.set(xlabel=x_label(runs), ylabel="top-1 accuracy on all seen classes (%)",
            title="Mean accuracy over seeds, ± one standard deviation")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -94,6 +113,11 @@ def plot_matrix(results: dict, out: Path, name: str) -> Path:
                         color="white" if matrix[t, j] < 60 else "black")
     ax.set(xlabel="evaluated task j", ylabel="after learning task t", title=f"R[t][j] (%): {label(results)}",
            xticks=range(steps), yticks=range(steps))
+    if is_domain_stream(results):  # tasks are domains: name them
+        names = results["domain_order"][:steps]
+        ax.set(xlabel="evaluated domain", ylabel="after learning domain")
+        ax.set_xticks(range(steps), names, rotation=45, ha="right")
+        ax.set_yticks(range(steps), names)
     fig.colorbar(image, ax=ax, label="accuracy (%)")
     return save(fig, out / f"accuracy_matrix_{name}.png")
 

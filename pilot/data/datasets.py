@@ -8,13 +8,14 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 from PIL import Image
 
+from pilot.data.names import apply_class_names, folder_class_name, readable_name
 from pilot.errors import PilotError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -34,6 +35,8 @@ class ImageSet:
 
     images: Union[np.ndarray, list[str]]
     labels: np.ndarray
+    # Domain datasets: each image's domain, an index into ``SourceDataset.domain_names`` (None elsewhere).
+    domains: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -60,11 +63,16 @@ class SourceDataset:
     name: str
     train: ImageSet
     test: ImageSet
+    # Readable names (for people and CLIP prompts), in the dataset's class order.
     class_names: list[str]
     # False for native low-resolution sets (cifar100) fed to a model at their own size.
     resize_to_model: bool = True
     # Identifies the files read, for the feature cache key.
     fingerprint: str = ""
+    # Domain datasets: the domains' names (each image's ``ImageSet.domains`` indexes them); empty elsewhere.
+    domain_names: list[str] = field(default_factory=list)
+    # Folder datasets: each class's folder name, which identifies it on disk; empty elsewhere.
+    class_folders: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -167,7 +175,7 @@ def load_cifar100(data_path: str, download: bool, name: str) -> SourceDataset:
     test = _cifar_split(_unpickle(read, "test", location), location, "test")
     stat = location.stat()
     return SourceDataset(
-        name=name, train=train, test=test, class_names=list(meta["fine_label_names"]),
+        name=name, train=train, test=test, class_names=[readable_name(n) for n in meta["fine_label_names"]],
         resize_to_model=(name != "cifar100"),
         fingerprint=f"{location.resolve()}:{stat.st_size}:{int(stat.st_mtime)}",
     )
@@ -187,10 +195,10 @@ FOLDER_DATASETS = {
 }
 
 
-def _scan_folder(split_dir: Path, class_names: list[str]) -> ImageSet:
+def _scan_folder(split_dir: Path, class_folders: list[str]) -> ImageSet:
     paths, labels = [], []
-    for label, class_name in enumerate(class_names):
-        class_dir = split_dir / class_name
+    for label, folder in enumerate(class_folders):
+        class_dir = split_dir / folder
         files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if class_dir.is_dir() else []
         paths += [str(p) for p in files]
         labels += [label] * len(files)
@@ -210,8 +218,8 @@ def load_folder(data_path: str, name: str, parts: tuple[str, ...] = ("train", "t
         )
     present = {part: sorted(p.name for p in dirs[part].iterdir() if p.is_dir()) if dirs[part].is_dir() else []
                for part in ("train", "test")}
-    class_names = present["train" if "train" in parts else "test"]
-    if not class_names:
+    folders = present["train" if "train" in parts else "test"]
+    if not folders:
         raise PilotError(f"'{dirs[parts[0]]}' has no class sub-folders: expected <class>/<image> inside it.")
     if set(parts) == {"train", "test"}:
         for part, other in (("test", "train"), ("train", "test")):
@@ -220,8 +228,9 @@ def load_folder(data_path: str, name: str, parts: tuple[str, ...] = ("train", "t
                 raise PilotError(f"'{dirs[part]}' has class folders that '{dirs[other]}' lacks: "
                                  f"{', '.join(map(repr, extra))}. train/ and test/ must hold the same classes: add "
                                  f"the missing folders, or remove these.")
-    train, test = (_scan_folder(dirs[part], class_names) for part in ("train", "test"))
-    return SourceDataset(name=name, train=train, test=test, class_names=class_names,
+    train, test = (_scan_folder(dirs[part], folders) for part in ("train", "test"))
+    return SourceDataset(name=name, train=train, test=test, class_names=[folder_class_name(f) for f in folders],
+                         class_folders=folders,
                          fingerprint=f"{root.resolve()}:{len(train)}:{len(test)}")
 
 
@@ -245,12 +254,19 @@ def make_synthetic(num_classes: int, per_class: int, size: int, seed: int = 0) -
     )
 
 
-DATASETS = ("cifar100", "cifar224", "synthetic", *FOLDER_DATASETS)
+# Loaded by pilot.data.domains: every domain's images in one dataset, ImageSet.domains set.
+DOMAIN_DATASETS = ("domain_folder", "domainnet", "synthetic_domains")
+DATASETS = ("cifar100", "cifar224", "synthetic", *FOLDER_DATASETS, *DOMAIN_DATASETS)
 
 
 def load_dataset(experiment, parts: tuple[str, ...] = ("train", "test")) -> SourceDataset:
-    """The dataset named by ``experiment.dataset`` (an :class:`ExperimentConfig`); an image folder
-    needs only the ``parts`` named (CIFAR's files always hold both)."""
+    """The dataset named by ``experiment.dataset`` (an :class:`ExperimentConfig`), its classes named by
+    ``experiment.class_names`` where given; an image folder needs only the ``parts`` named (CIFAR's files
+    always hold both)."""
+    return apply_class_names(_load(experiment, parts), experiment.class_names)
+
+
+def _load(experiment, parts: tuple[str, ...]) -> SourceDataset:
     name = experiment.dataset
     if name in ("cifar100", "cifar224"):
         return load_cifar100(experiment.data_path, experiment.download, name)
@@ -259,4 +275,8 @@ def load_dataset(experiment, parts: tuple[str, ...] = ("train", "test")) -> Sour
     if name == "synthetic":
         return make_synthetic(experiment.synthetic_classes, experiment.synthetic_per_class,
                               experiment.synthetic_image_size)
+    if name in DOMAIN_DATASETS:
+        from pilot.data.domains import load_domain_dataset  # domains imports this module
+
+        return load_domain_dataset(experiment, parts)
     raise PilotError(f"Unknown dataset '{name}'. Known datasets: {', '.join(DATASETS)}.")

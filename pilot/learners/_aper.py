@@ -13,6 +13,8 @@ from pilot.modules.heads import PrototypeClassifier
 
 
 class APERLearner(FirstTaskAdaptationLearner):
+    scenarios = ("class", "domain", "task")
+
     def __init__(self, config, ctx):
         super().__init__(config, ctx)
         self.classifier = PrototypeClassifier(2 * ctx.backbone.feature_dim)

@@ -48,6 +48,12 @@ class Learner:
     official_variant: ClassVar[Optional[str]] = None
     # False for a reference point that keeps old tasks' data (the joint upper bound); in results.json.
     continual: ClassVar[bool] = True
+    # The scenarios (pilot.data.stream.SCENARIOS) the method honours; a config asking for another is refused.
+    scenarios: ClassVar[tuple[str, ...]] = ("class", "task")
+    # Why a domain stream is refused, where it is (one line for the error).
+    domain_refusal: ClassVar[str] = "its classifier grows with each task's new classes, which a domain stream does not bring"
+    # True for a method that replays exemplars from the rehearsal memory (``ctx.memory``, filled after each task).
+    uses_memory: ClassVar[bool] = False
 
     def __init__(self, config: LearnerConfig, ctx: RunContext):
         self.config = config
@@ -65,6 +71,11 @@ class Learner:
 
     def fit(self, task: Task) -> None:
         raise NotImplementedError
+
+    def memory_features(self, split: Split) -> torch.Tensor:
+        """Features that herding selects exemplars by, after the task is learnt (PILOT: the current network's,
+        test transform); the frozen backbone's by default."""
+        return self.ctx.features(split)
 
     def predict(self, split: Split) -> torch.Tensor:
         """Logits ``[len(split), classes seen]`` (CPU); the argmax is the prediction."""

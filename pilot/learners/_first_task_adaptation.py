@@ -7,7 +7,8 @@ value 1) on the first task's classes, then freezes it. Later tasks train nothing
 builds its classifier from features of the adapted backbone, encoded once per image by a feature store.
 
 Hooked adaptations are switched on only while the adapted encoder runs, so ``ctx.features`` keeps
-giving the pretrained features of the same ViT weights (one copy of the ViT for both).
+giving the pretrained features of the same ViT weights (one copy of the ViT for both). The same
+encoder and frozen stores serve the adapter bank that EASE and MOS keep, one adapter set per task.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pilot.data.stream import Split, Task
 from pilot.errors import PilotError
 from pilot.features import FeatureStore
 from pilot.learners._gradient import GradientLearner, TrainConfig, validate_train_config
-from pilot.modules.adapters import attach_adapters, freeze
+from pilot.modules.adapters import AdapterBank, attach_adapters, freeze
 from pilot.modules.heads import CosineHead
 
 
@@ -65,24 +66,23 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()[:24]
 
 
-def idle_adapters(ctx, bottleneck: int) -> nn.Module:
-    """AdaptFormer adapters on the backbone's ViT, on the run's device, off until an ``AdaptedEncoder`` runs them."""
-    adapters = attach_adapters(ctx.backbone.model, bottleneck=bottleneck).to(ctx.device)
-    adapters.enabled = False
-    return adapters
-
-
-def saved_adapter_sets(state: dict, key: str = "adapters") -> int:
-    """How many adapter sets a checkpoint's ``net`` holds under the ModuleList ``key`` (to rebuild them)."""
-    return len({name.split(".")[1] for name in state["net"] if name.startswith(f"{key}.")})
-
-
 def frozen_store(ctx, encoder: nn.Module, adaptation: nn.Module) -> FeatureStore:
     """Freeze ``adaptation`` for good and give the feature store of ``encoder`` (the backbone with it on),
     keyed by the adaptation's weights."""
     freeze(adaptation)
     identity = f"{ctx.backbone.identity}|{type(adaptation).__name__}:{weights_digest(adaptation)}"
     return ctx.feature_store(encoder, identity)
+
+
+def adapter_bank(ctx, bottleneck: int) -> AdapterBank:
+    """A bank of AdaptFormer adapter sets on the backbone's ViT, each off until an ``AdaptedEncoder`` runs it."""
+
+    def new_set() -> nn.Module:
+        adapters = attach_adapters(ctx.backbone.model, bottleneck=bottleneck).to(ctx.device)
+        adapters.enabled = False
+        return adapters
+
+    return AdapterBank(new_set, lambda adapters: frozen_store(ctx, AdaptedEncoder(ctx.backbone, adapters), adapters))
 
 
 class FirstTaskAdaptationLearner(GradientLearner):

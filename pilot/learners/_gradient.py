@@ -182,13 +182,43 @@ class GradientLearner(Learner):
         return self.ctx.train_transform()
 
     def training_split(self, task: Task) -> Split:
-        """The images a task trains on: its own (an upper bound that replays old data returns more)."""
-        return task.train
+        """The images a task trains on: its own, then the rehearsal memory's exemplars where the learner keeps
+        them (PILOT appends the memory to the task's data: one dataset, shuffled together)."""
+        memory = self.ctx.memory
+        return task.train.joined(memory.split()) if memory is not None and len(memory) else task.train
+
+    def training_batches(self, task: Task, loader: Iterable) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The (images, labels, positions) batches of one epoch: the loader's (a method that draws, say, a
+        separate memory batch per step overrides this)."""
+        return loader
+
+    def training_loss(self, logits: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Tensor:
+        """The loss of a training batch's logits over all classes (``train_outputs``' extra term is added to it):
+        cross-entropy, over the current task's classes alone where ``mask_old_classes``. A replay or
+        distillation method overrides this, not the loop."""
+        if self.mask_old_classes:
+            logits = mask_to_task(logits, task)
+        return F.cross_entropy(logits, labels)
 
     def task_settings(self, task: Task) -> TrainConfig:
-        """The optimisation settings of ``task`` (epochs, rate, schedule); the config's for every task by default,
-        a first-task schedule for methods that have one (EASE's init_/later_, finetune's init_ keys)."""
-        return self.config
+        """The optimisation settings of ``task`` (epochs, rate, schedule): the first task's or the later tasks'."""
+        return self.settings(self.config, self.uses_first_settings(task))
+
+    def uses_first_settings(self, task: Task) -> bool:
+        """Whether ``task`` trains with the first task's settings: the first task alone, unless a method says otherwise."""
+        return task.index == 0
+
+    @classmethod
+    def settings(cls, config, first_task: bool) -> TrainConfig:
+        """The settings of the first task or of a later one: the config's for both by default; methods with
+        PILOT's per-phase keys (finetune's ``init_``, EASE's ``later_``) map them here."""
+        return config
+
+    @classmethod
+    def validate_settings(cls, config) -> None:
+        """Check both phases' settings (what ``validate_config`` of a method with per-phase keys calls)."""
+        for first_task in (True, False):
+            validate_train_config(cls.settings(config, first_task))
 
     def param_groups(self, parameters: list[nn.Parameter]) -> list[nn.Parameter] | list[dict]:
         """What the task's optimiser gets: the parameters, or groups with their own ``lr`` (SLCA's slow backbone)."""
@@ -226,7 +256,7 @@ class GradientLearner(Learner):
         self.set_train_mode(True)
         for epoch in range(config.tuned_epoch):
             self.begin_epoch(task, epoch)
-            progress = tqdm(loader, desc=f"task {task.index + 1} epoch {epoch + 1}/{config.tuned_epoch}",
+            progress = tqdm(self.training_batches(task, loader), desc=f"task {task.index + 1} epoch {epoch + 1}/{config.tuned_epoch}",
                             disable=not ctx.experiment.progress, leave=False)
             for step, (images, labels, _) in enumerate(progress):
                 self.position = f"{self.task_tag}, epoch {epoch + 1}, step {step + 1}"
@@ -240,9 +270,7 @@ class GradientLearner(Learner):
         with self.ctx.autocast():
             logits, extra = self.train_outputs(images, labels, task)
         require_finite(logits.detach(), "logits", self.position)
-        if self.mask_old_classes:
-            logits = mask_to_task(logits.float(), task)
-        loss = F.cross_entropy(logits.float(), labels) + extra
+        loss = self.training_loss(logits.float(), labels, task) + extra
         require_finite(loss.detach(), "loss", self.position)
 
         def after_backward():

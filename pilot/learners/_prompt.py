@@ -15,6 +15,7 @@ from torch import nn
 from pilot.data.stream import Split, Task
 from pilot.errors import PilotError
 from pilot.learners._gradient import GradientLearner, TrainConfig
+from pilot.modules.heads import linear_head
 from pilot.modules.prompting import PoolSelection, PromptedViT, PromptPool
 
 
@@ -27,20 +28,18 @@ def check_blocks(vit: nn.Module, key: str, blocks: Sequence[int]) -> None:
 
 class PromptLearner(GradientLearner):
     """Subclasses add their prompt modules to ``self.net`` and define ``prompted_outputs``."""
+    scenarios = ("class", "domain", "task")
 
-    # The head starts as timm's ViT head (truncated normal, std 0.02; zero bias), as in the official
-    # L2P and DualPrompt code and PILOT; False keeps PyTorch's Linear init (CODA-Prompt's).
-    timm_head_init = True
+    # The head starts as timm's ViT head ("trunc_normal"), as in the official L2P and DualPrompt code and
+    # PILOT; CODA-Prompt's keeps PyTorch's Linear init ("torch").
+    head_init = "trunc_normal"
 
     def __init__(self, config, ctx):
         super().__init__(config, ctx)
         self.vit = self.require_vit()
         self.prompts = PromptedViT(self.vit)
         self.vit.requires_grad_(False)  # one copy of the weights, frozen: it also computes the query
-        self.net["head"] = nn.Linear(ctx.backbone.feature_dim, ctx.protocol.num_classes)
-        if self.timm_head_init:
-            nn.init.trunc_normal_(self.net["head"].weight, std=0.02)
-            nn.init.zeros_(self.net["head"].bias)
+        self.net["head"] = linear_head(ctx.backbone.feature_dim, ctx.protocol.num_classes, self.head_init)
 
     def attach(self) -> None:
         """Move the method's modules next to the backbone once they are all in ``self.net``."""
@@ -134,12 +133,14 @@ class PoolPromptLearner(PromptLearner):
         else:
             logits = [self.predict(split) for split in splits]
             choices = torch.cat(self._choices)
-        self._report = self.choice_report(choices, np.concatenate([split.labels for split in splits]))
+        # the splits are the seen tasks' test images, in task order: each image's own task (its domain's, in a domain stream)
+        tasks = torch.repeat_interleave(torch.arange(len(splits)), torch.tensor([len(split) for split in splits]))
+        self._report = self.choice_report(choices, tasks)
         return logits
 
     def evaluation_report(self) -> dict[str, Any]:
         return self._report
 
-    def choice_report(self, choices: torch.Tensor, labels: np.ndarray) -> dict[str, Any]:
-        """From each test image's chosen entries [N, top_k] and its label."""
+    def choice_report(self, choices: torch.Tensor, tasks: torch.Tensor) -> dict[str, Any]:
+        """From each test image's chosen entries [N, top_k] and its own task's index."""
         raise NotImplementedError

@@ -37,7 +37,7 @@ class CodaPromptLearner(PromptLearner):
     pilot_variant = official_variant = "coda_prompt"  # PILOT copies the official transforms
     cosine_schedule = "coda_cosine"  # PILOT's and the official CosineSchedule
     drop_last = True  # PILOT's and the official train loader
-    timm_head_init = False  # the official head is a plain nn.Linear
+    head_init = "torch"  # the official head is a plain nn.Linear
 
     def __init__(self, config: CodaPromptConfig, ctx):
         super().__init__(config, ctx)

@@ -24,8 +24,8 @@ from pilot.data.stream import Split, Task
 from pilot.errors import PilotError
 from pilot.features import FeatureStore
 from pilot.learners import register_learner
-from pilot.learners._first_task_adaptation import AdaptedEncoder, frozen_store, idle_adapters, saved_adapter_sets
-from pilot.learners._gradient import GradientLearner, TrainConfig, validate_train_config
+from pilot.learners._first_task_adaptation import AdaptedEncoder, adapter_bank
+from pilot.learners._gradient import GradientLearner, TrainConfig
 from pilot.modules.adapters import freeze
 from pilot.modules.heads import CosineHead, SubspacePrototypes
 
@@ -55,12 +55,6 @@ class EASEConfig(LearnerConfig):
     moni_adam: bool = False
     adapter_num: int = -1
 
-    def settings(self, later: bool) -> TrainConfig:
-        return TrainConfig(tuned_epoch=(self.later_epochs or self.init_epochs) if later else self.init_epochs,
-                           init_lr=(self.later_lr or self.init_lr) if later else self.init_lr,
-                           batch_size=self.batch_size, weight_decay=self.weight_decay, min_lr=self.min_lr,
-                           optimizer=self.optimizer, scheduler=self.scheduler)
-
 
 @register_learner("ease")
 class EASE(GradientLearner):
@@ -71,14 +65,25 @@ class EASE(GradientLearner):
         super().__init__(config, ctx)
         freeze(ctx.backbone)
         self.require_vit()
-        self.net["adapters"] = nn.ModuleList()  # one per seen task, hooked on the shared ViT
-        self.stores: list[FeatureStore] = []  # the frozen adapters' features
+        self.net["adapters"] = adapter_bank(ctx, config.ffn_num)  # one per seen task, hooked on the shared ViT
         self.prototypes = SubspacePrototypes(ctx.backbone.feature_dim)
 
     @classmethod
+    def settings(cls, config: EASEConfig, first_task: bool) -> TrainConfig:
+        """``init_epochs``/``init_lr``, or their ``later_`` keys (0: the same as the first task's)."""
+        return TrainConfig(tuned_epoch=config.init_epochs if first_task else (config.later_epochs or config.init_epochs),
+                           init_lr=config.init_lr if first_task else (config.later_lr or config.init_lr),
+                           batch_size=config.batch_size, weight_decay=config.weight_decay, min_lr=config.min_lr,
+                           optimizer=config.optimizer, scheduler=config.scheduler)
+
+    def uses_first_settings(self, task: Task) -> bool:
+        """Official: the ``later_`` keys apply only when the first task's size differs from the others'."""
+        sizes = self.ctx.protocol.task_sizes
+        return task.index == 0 or sizes[0] == sizes[1]
+
+    @classmethod
     def validate_config(cls, config: EASEConfig) -> None:
-        for later in (False, True):
-            validate_train_config(config.settings(later))
+        cls.validate_settings(config)
         if config.use_old_data or config.moni_adam:
             raise PilotError("use_old_data (an oracle that keeps old data) and moni_adam (EASE simulating APER) are "
                              "not supported; set them false (for APER use model_name aper_adapter).")
@@ -92,17 +97,13 @@ class EASE(GradientLearner):
         """Index of task 0's subspace: 1 when the pretrained features are subspace 0."""
         return int(self.config.use_init_ptm)
 
-    def add_adapter(self) -> None:
-        self.net["adapters"].append(idle_adapters(self.ctx, self.config.ffn_num))
-
-    def encoder(self, index: int) -> AdaptedEncoder:
-        return AdaptedEncoder(self.ctx.backbone, self.net["adapters"][index])
-
-    def freeze_adapter(self, index: int) -> None:
-        self.stores.append(frozen_store(self.ctx, self.encoder(index), self.net["adapters"][index]))
+    @property
+    def training_encoder(self) -> AdaptedEncoder:
+        """The backbone with the newest adapter, the one the current task trains."""
+        return AdaptedEncoder(self.ctx.backbone, self.net["adapters"][-1])
 
     def subspace_stores(self) -> list[FeatureStore]:
-        return ([self.ctx.features] if self.config.use_init_ptm else []) + self.stores
+        return ([self.ctx.features] if self.config.use_init_ptm else []) + self.net["adapters"].stores
 
     def subspace_features(self, split: Split) -> torch.Tensor:
         """[images, subspaces, dim]: the pretrained features (if used), then each adapter's."""
@@ -110,23 +111,19 @@ class EASE(GradientLearner):
 
     # --- training: the task's adapter and a temporary cosine head ---------------------------
 
-    def task_settings(self, task: Task) -> TrainConfig:
-        sizes = self.ctx.protocol.task_sizes
-        return self.config.settings(later=task.index > 0 and sizes[0] != sizes[1])
-
     def begin_task(self, task: Task) -> None:
         self.training_started = time.perf_counter()
-        self.add_adapter()
+        self.net["adapters"].add()
         self.net["head"] = CosineHead(self.ctx.backbone.feature_dim, len(task.classes)).to(self.ctx.device)
 
     def trainable(self) -> list[nn.Parameter]:
         return list(self.net["adapters"][-1].parameters()) + list(self.net["head"].parameters())
 
     def set_train_mode(self, training: bool) -> None:
-        self.encoder(len(self.net["adapters"]) - 1).train(training)
+        self.training_encoder.train(training)
 
     def train_outputs(self, images: torch.Tensor, labels: torch.Tensor, task: Task):
-        logits = self.net["head"](self.encoder(task.index)(images))
+        logits = self.net["head"](self.training_encoder(images))
         return F.pad(logits, (task.classes.start, 0)), 0.0  # old classes' columns: masked by the template
 
     # --- after training: prototypes in every subspace -----------------------------------------
@@ -134,7 +131,7 @@ class EASE(GradientLearner):
     def end_task(self, task: Task) -> None:
         self.ctx.log.info(f"task {task.index + 1} trained its adapter in {time.perf_counter() - self.training_started:.2f}s")
         del self.net["head"]
-        self.freeze_adapter(task.index)
+        self.net["adapters"].close()
         while self.prototypes.num_subspaces < len(self.subspace_stores()):
             self.prototypes.add_subspace()
         self.prototypes.add_classes(len(task.classes))
@@ -160,9 +157,5 @@ class EASE(GradientLearner):
         return {**super().state_dict(), "prototypes": self.prototypes.state_dict()}
 
     def load_state_dict(self, state):
-        for _ in range(saved_adapter_sets(state)):
-            self.add_adapter()
         super().load_state_dict(state)
-        for index in range(len(self.net["adapters"])):
-            self.freeze_adapter(index)
         self.prototypes.load_state_dict(state["prototypes"])

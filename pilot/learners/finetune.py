@@ -34,19 +34,10 @@ class FinetuneConfig(LearnerConfig):
     batch_size: int = 128
     weight_decay: float = 2e-4
 
-    def settings(self, first_task: bool) -> TrainConfig:
-        """The template's settings for the first or a later task; milestones past the last epoch never apply."""
-        epochs = self.init_epoch if first_task else self.epochs
-        milestones = self.init_milestones if first_task else self.milestones
-        return TrainConfig(tuned_epoch=epochs, init_lr=self.init_lr if first_task else self.lrate,
-                           batch_size=self.batch_size, optimizer="sgd", scheduler="steplr",
-                           weight_decay=self.init_weight_decay if first_task else self.weight_decay,
-                           milestones=[m for m in milestones if m < epochs],
-                           lr_decay=self.init_lr_decay if first_task else self.lrate_decay)
-
 
 @register_learner("finetune")
 class Finetune(GradientLearner):
+    scenarios = ("class", "domain", "task")
     config_class = FinetuneConfig
 
     def __init__(self, config: FinetuneConfig, ctx):
@@ -56,19 +47,27 @@ class Finetune(GradientLearner):
         self.net.to(ctx.device)
 
     @classmethod
+    def settings(cls, config: FinetuneConfig, first_task: bool) -> TrainConfig:
+        """The ``init_`` keys or the later tasks' ones; milestones past the last epoch never apply."""
+        epochs = config.init_epoch if first_task else config.epochs
+        milestones = config.init_milestones if first_task else config.milestones
+        return TrainConfig(tuned_epoch=epochs, init_lr=config.init_lr if first_task else config.lrate,
+                           batch_size=config.batch_size, optimizer="sgd", scheduler="steplr",
+                           weight_decay=config.init_weight_decay if first_task else config.weight_decay,
+                           milestones=[m for m in milestones if m < epochs],
+                           lr_decay=config.init_lr_decay if first_task else config.lrate_decay)
+
+    @classmethod
     def validate_config(cls, config: FinetuneConfig) -> None:
         for first_task, (epochs, milestones) in ((True, (config.init_epoch, config.init_milestones)),
                                                   (False, (config.epochs, config.milestones))):
-            validate_train_config(config.settings(first_task))
+            validate_train_config(cls.settings(config, first_task))
             late = [m for m in milestones if m >= epochs]
             if late and epochs:
                 prefix = "init_" if first_task else ""
                 warnings.warn(f"{prefix}milestones {late} are at or past the last epoch ({prefix}epoch"
                               f"{'' if first_task else 's'} = {epochs}): the learning rate does not decay there "
                               f"(as in PILOT, whose finetune.json has such milestones).", stacklevel=4)
-
-    def task_settings(self, task: Task) -> TrainConfig:
-        return self.config.settings(task.index == 0)
 
     def seen_heads(self) -> nn.ModuleList:
         return self.net["heads"][: len(self.ctx.protocol.tasks_within(self.num_seen))]

@@ -71,6 +71,6 @@ class L2P(PoolPromptLearner):
             extra = self.config.pull_constraint_coeff * pull_loss(selection.selected_similarity)
         return logits, extra
 
-    def choice_report(self, choices, labels):
+    def choice_report(self, choices, tasks):
         """How often each pool entry was used over the seen tasks' test images."""
         return {"prompt_usage": torch.bincount(choices.flatten(), minlength=self.config.size).tolist()}

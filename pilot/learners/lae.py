@@ -30,6 +30,7 @@ from pilot.errors import PilotError
 from pilot.learners import register_learner
 from pilot.learners._gradient import GradientLearner, TrainConfig, validate_train_config
 from pilot.learners._prompt import check_blocks
+from pilot.modules.heads import linear_head
 from pilot.modules.merge import ema_update
 from pilot.modules.prompting import PrefixPET, PromptedViT, prefixes_for_blocks
 
@@ -65,9 +66,7 @@ class LAE(GradientLearner):
         check_blocks(vit, "adapt_blocks", config.adapt_blocks)
         self.net["online"] = PrefixPET(config.pet_length, vit.embed_dim, len(config.adapt_blocks))
         self.net["offline"] = copy.deepcopy(self.net["online"]).requires_grad_(False)  # replaced when task 2 starts
-        self.net["head"] = nn.Linear(ctx.backbone.feature_dim, ctx.protocol.num_classes)
-        nn.init.normal_(self.net["head"].weight, std=0.001)
-        nn.init.zeros_(self.net["head"].bias)
+        self.net["head"] = linear_head(ctx.backbone.feature_dim, ctx.protocol.num_classes, "normal", std=0.001)
         self.net.to(ctx.device)
 
     @classmethod
@@ -85,7 +84,7 @@ class LAE(GradientLearner):
     @property
     def has_offline(self) -> bool:
         """The offline PET exists from the second task on."""
-        return self.num_seen > self.ctx.protocol.task_sizes[0]
+        return len(self.ctx.protocol.tasks_within(self.num_seen)) > 1
 
     def trainable(self) -> list[nn.Parameter]:
         return list(self.net["online"].parameters()) + list(self.net["head"].parameters())

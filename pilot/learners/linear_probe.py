@@ -15,6 +15,7 @@ from pilot.errors import PilotError
 from pilot.learners import register_learner
 from pilot.learners._base import Learner
 from pilot.learners._gradient import fit_on_features
+from pilot.modules.heads import linear_head
 
 
 @dataclass
@@ -45,7 +46,7 @@ class LinearProbe(Learner):
     def fit(self, task: Task) -> None:
         features = self.ctx.features(task.train)
         labels = torch.as_tensor(task.train.labels) - task.num_old
-        head = torch.nn.Linear(features.shape[1], len(task.classes))
+        head = linear_head(features.shape[1], len(task.classes), "torch")
         optimizer = torch.optim.Adam(head.parameters(), lr=self.config.init_lr)
 
         def batches():

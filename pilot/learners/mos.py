@@ -30,11 +30,12 @@ from pilot.data.stream import Split, Task
 from pilot.errors import PilotError, config_values
 from pilot.features import FeatureStore
 from pilot.learners import register_learner
-from pilot.learners._first_task_adaptation import AdaptedEncoder, frozen_store, idle_adapters, saved_adapter_sets
-from pilot.learners._gradient import GradientLearner, TrainConfig, fit_on_features, validate_train_config
+from pilot.learners._alignment import fit_on_gaussian_samples
+from pilot.learners._first_task_adaptation import AdaptedEncoder, adapter_bank
+from pilot.learners._gradient import GradientLearner, TrainConfig
 from pilot.modules.adapters import freeze
 from pilot.modules.gaussians import ClassGaussians
-from pilot.modules.heads import PrototypeClassifier
+from pilot.modules.heads import PrototypeClassifier, linear_head
 from pilot.modules.merge import average, ema_update
 
 STORAGE = ("covariance", "variance", "multi-centroid")
@@ -76,20 +77,18 @@ class MOS(GradientLearner):
         freeze(ctx.backbone)
         self.require_vit()
         dim = ctx.backbone.feature_dim
-        self.net["current"] = self.new_adapters()  # trains, carried from task to task
-        self.net["adapters"] = nn.ModuleList()  # each task's, frozen when the task ends
-        self.net["head"] = nn.Linear(dim, ctx.protocol.num_classes)
-        nn.init.trunc_normal_(self.net["head"].weight, std=0.02)  # timm's ViT head init
-        nn.init.zeros_(self.net["head"].bias)
+        bank = adapter_bank(ctx, config.ffn_num)
+        self.net["current"] = bank.new_set()  # trains, carried from task to task
+        self.net["adapters"] = bank  # each task's, frozen when the task ends
+        self.net["head"] = linear_head(dim, ctx.protocol.num_classes)  # timm's ViT head init
         self.net.to(ctx.device)
-        self.stores: list[FeatureStore] = []
         self.statistics = ClassGaussians(dim, diagonal=config.ca_storage_efficient_method == "variance")
         self.prototypes = PrototypeClassifier(dim)  # first task's adapter: the retrieval's first guess
         self.anchor: Optional[dict[str, torch.Tensor]] = None
 
     @classmethod
     def validate_config(cls, config: MOSConfig) -> None:
-        validate_train_config(cls.settings(config))
+        cls.validate_settings(config)
         if config.ca_storage_efficient_method not in STORAGE:
             raise PilotError(f"ca_storage_efficient_method must be one of {', '.join(STORAGE)}, got "
                              f"'{config.ca_storage_efficient_method}'.")
@@ -100,30 +99,26 @@ class MOS(GradientLearner):
         if config.crct_epochs < 0 or config.ca_lr <= 0 or config.reg < 0:
             raise PilotError("crct_epochs and reg must be >= 0 and ca_lr > 0.")
 
-    @staticmethod
-    def settings(config: MOSConfig) -> TrainConfig:
+    @classmethod
+    def settings(cls, config: MOSConfig, first_task: bool) -> TrainConfig:
+        """Every task steps its rate at the ``init_`` keys (official)."""
         return replace(config, milestones=config.init_milestones, lr_decay=config.init_lr_decay)
-
-    def task_settings(self, task: Task) -> TrainConfig:
-        return self.settings(self.config)
 
     # --- adapters ----------------------------------------------------------------------------
 
-    def new_adapters(self) -> nn.Module:
-        return idle_adapters(self.ctx, self.config.ffn_num)
+    @property
+    def current_encoder(self) -> AdaptedEncoder:
+        return AdaptedEncoder(self.ctx.backbone, self.net["current"])
 
-    def encoder(self, adapters: nn.Module) -> AdaptedEncoder:
-        return AdaptedEncoder(self.ctx.backbone, adapters)
+    @property
+    def stores(self) -> list[FeatureStore]:
+        """Each finished task's adapter features."""
+        return self.net["adapters"].stores
 
     def store_adapter(self) -> None:
         """Keep a frozen copy of the current adapter as the finished task's, with its feature store."""
-        stored = self.new_adapters()
-        stored.load_state_dict(self.net["current"].state_dict())
-        self.net["adapters"].append(stored)
-        self.open_store(stored)
-
-    def open_store(self, adapters: nn.Module) -> None:
-        self.stores.append(frozen_store(self.ctx, self.encoder(adapters), adapters))
+        self.net["adapters"].add(self.net["current"].state_dict())
+        self.net["adapters"].close()
 
     # --- training ----------------------------------------------------------------------------
 
@@ -141,12 +136,12 @@ class MOS(GradientLearner):
                 {"params": [p for p in parameters if id(p) in head], "lr": self.config.init_lr * 0.1}]
 
     def set_train_mode(self, training: bool) -> None:
-        self.encoder(self.net["current"]).train(training)
+        self.current_encoder.train(training)
 
     def train_outputs(self, images: torch.Tensor, labels: torch.Tensor, task: Task):
         if self.merges_in_forward:
             self.pull_units(lambda block: block + 1)
-        features = self.encoder(self.net["current"])(images)
+        features = self.current_encoder(images)
         logits = self.net["head"](features)[:, : self.num_seen]
         return logits, self.config.reg * self.orthogonality_loss(features)
 
@@ -199,33 +194,18 @@ class MOS(GradientLearner):
         """Official ``classifer_align``: the head alone, SGD at ``ca_lr`` with a cosine schedule; each epoch
         draws 5 x batch_size features per stored Gaussian and trains on as many batches of that size as
         classes seen (all samples for one Gaussian per class; a 1/k share for k centroids)."""
-        config, device = self.config, self.ctx.device
-        head = self.net["head"]
+        config, head = self.config, self.net["head"].train()
         optimizer = torch.optim.SGD(head.parameters(), lr=config.ca_lr, momentum=0.9, weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.crct_epochs)
-        cholesky_factors = self.statistics.cholesky_factors(device)
-        per_class = config.batch_size * CA_SAMPLE_FACTOR
-        unit_scales = torch.ones(self.statistics.num_classes)
-
-        def batches():
-            features, labels = self.statistics.sample(cholesky_factors, per_class, unit_scales, self.ctx.generator)
-            pairs = zip(features.split(per_class), labels.to(device).split(per_class))
-            return (pair for _, pair in zip(range(self.num_seen), pairs))
-
-        head.train()
-        fit_on_features(lambda features: head(features)[:, : self.num_seen], optimizer, config.crct_epochs,
-                        batches, scheduler, f"{self.task_tag}, classifier alignment")
+        fit_on_gaussian_samples(lambda features: head(features)[:, : self.num_seen], optimizer, self.statistics,
+                                self.ctx.generator, self.ctx.device, epochs=config.crct_epochs,
+                                samples=config.batch_size * CA_SAMPLE_FACTOR, batches=self.num_seen,
+                                where=f"{self.task_tag}, classifier alignment")
 
     # --- prediction: self-refined adapter retrieval ---------------------------------------------
 
-    def class_tasks(self) -> torch.Tensor:
-        """The task of each seen class."""
-        tasks = self.ctx.protocol.tasks_within(self.num_seen)
-        return torch.cat([torch.full((len(classes),), index) for index, classes in enumerate(tasks)])
-
     @torch.no_grad()
     def predict(self, split: Split) -> torch.Tensor:
-        head, class_tasks = self.net["head"].eval(), self.class_tasks()
+        head, class_tasks = self.net["head"].eval(), self.ctx.protocol.task_of(torch.arange(self.num_seen))
         features = torch.stack([store(split) for store in self.stores], dim=1)  # [images, tasks, dim]
         first_guess = self.prototypes(features[:, 0])
         rows = torch.arange(len(features))
@@ -251,10 +231,6 @@ class MOS(GradientLearner):
                 "prototypes": self.prototypes.state_dict()}
 
     def load_state_dict(self, state):
-        for _ in range(saved_adapter_sets(state)):
-            self.net["adapters"].append(self.new_adapters())
         super().load_state_dict(state)
-        for adapters in self.net["adapters"]:
-            self.open_store(adapters)
         self.statistics.load_state_dict(state["statistics"])
         self.prototypes.load_state_dict(state["prototypes"])

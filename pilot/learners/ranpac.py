@@ -41,6 +41,7 @@ def draw_seed(generator: torch.Generator) -> int:
 
 @register_learner("ranpac")
 class RanPAC(FirstTaskAdaptationLearner):
+    scenarios = ("class", "domain", "task")
     config_class = RanPACConfig
 
     def __init__(self, config: RanPACConfig, ctx):

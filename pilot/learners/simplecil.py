@@ -11,6 +11,8 @@ from pilot.modules.heads import PrototypeClassifier
 
 @register_learner("simplecil")
 class SimpleCIL(Learner):
+    scenarios = ("class", "domain", "task")
+
     def __init__(self, config, ctx):
         super().__init__(config, ctx)
         self.classifier = PrototypeClassifier(ctx.backbone.feature_dim)

@@ -25,7 +25,8 @@ from torch import nn
 from pilot.data.stream import Split, Task
 from pilot.errors import PilotError, config_values
 from pilot.learners import register_learner
-from pilot.learners._gradient import GradientLearner, TrainConfig, fit_on_features, make_optimizer, validate_train_config
+from pilot.learners._alignment import fit_on_gaussian_samples
+from pilot.learners._gradient import GradientLearner, TrainConfig, make_optimizer, validate_train_config
 from pilot.modules.gaussians import ClassGaussians
 from pilot.modules.heads import classify, normalise_logits, task_heads
 
@@ -73,15 +74,8 @@ class SLCA(GradientLearner):
             raise PilotError("ca_epochs, bcb_lrscale and ca_with_logit_norm must be >= 0 (0: no alignment / a frozen "
                              "backbone / no logit normalisation).")
 
-    # --- the tasks and heads seen so far -------------------------------------------------------
-
-    @property
-    def seen_tasks(self) -> list[range]:
-        """Each seen task's classes."""
-        return self.ctx.protocol.tasks_within(self.num_seen)
-
     def seen_heads(self, heads: nn.ModuleList) -> nn.ModuleList:
-        return heads[: len(self.seen_tasks)]
+        return heads[: len(self.ctx.protocol.tasks_within(self.num_seen))]
 
     # --- stage 1: slow backbone, fast new head ---------------------------------------------------
 
@@ -137,32 +131,26 @@ class SLCA(GradientLearner):
         The official code finds j as ``class // current task size``; this uses the class's actual task,
         which is the same when all tasks have the same size.
         """
-        tasks = self.seen_tasks
-        return torch.cat([torch.full((len(classes),), 0.9 + 0.1 * (j + 1) / len(tasks)) for j, classes in enumerate(tasks)])
-
-    def sample_features(self, cholesky_factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """256 features per seen class from its Gaussian with the shrunken mean (run's generator), shuffled."""
-        return self.gaussians.sample(cholesky_factors, CA_SAMPLES_PER_CLASS, self.mean_scales(), self.ctx.generator)
+        protocol = self.ctx.protocol
+        tasks = protocol.task_of(torch.arange(self.num_seen)).double()
+        return (0.9 + 0.1 * (tasks + 1) / len(protocol.tasks_within(self.num_seen))).float()
 
     def align_classifier(self) -> None:
-        """Re-train all seen aligned heads on sampled features: SGD at ``init_lr``, cosine schedule over ``ca_epochs``."""
-        config, device = self.config, self.ctx.device
+        """Re-train all seen aligned heads on 256 features per class (shrunken means): the config's optimiser
+        at ``init_lr``, cosine schedule over ``ca_epochs``, logits normalised if ``ca_with_logit_norm``."""
+        config, seen_tasks = self.config, self.ctx.protocol.tasks_within(self.num_seen)
         heads = self.seen_heads(self.net["aligned_heads"])
-        optimizer = make_optimizer(list(heads.parameters()), config)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.ca_epochs)
-        cholesky_factors = self.gaussians.cholesky_factors(device)
 
         def logits(features: torch.Tensor) -> torch.Tensor:
             raw = classify(heads, features)
             if config.ca_with_logit_norm > 0:
-                return normalise_logits(raw, self.seen_tasks, config.ca_with_logit_norm)
+                return normalise_logits(raw, seen_tasks, config.ca_with_logit_norm)
             return raw
 
-        def batches():
-            features, labels = self.sample_features(cholesky_factors)
-            return zip(features.split(CA_SAMPLES_PER_CLASS), labels.to(device).split(CA_SAMPLES_PER_CLASS))
-
-        fit_on_features(logits, optimizer, config.ca_epochs, batches, scheduler, f"{self.task_tag}, classifier alignment")
+        optimizer = make_optimizer(list(heads.parameters()), config)
+        fit_on_gaussian_samples(logits, optimizer, self.gaussians, self.ctx.generator, self.ctx.device,
+                                epochs=config.ca_epochs, samples=CA_SAMPLES_PER_CLASS, mean_scales=self.mean_scales(),
+                                where=f"{self.task_tag}, classifier alignment")
 
     # --- checkpoint --------------------------------------------------------------------------------
 

@@ -13,8 +13,9 @@ Nothing in the ViT is replaced or subclassed: the adaptation lives in its own ``
 """
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -142,6 +143,48 @@ def attach_adapters(vit: nn.Module, bottleneck: int = 64, scale: float = 0.1, dr
     if bottleneck < 1:
         raise ValueError(f"adapter bottleneck must be a positive width, got {bottleneck}")
     return AdapterSet(vit, bottleneck, scale, dropout)
+
+
+class AdapterBank(nn.ModuleList):
+    """Adapter sets on one ViT, one per task, each frozen for good once its task ends (EASE's subspaces, MOS's
+    task adapters), with the feature store of the backbone running it.
+
+    ``new_set()`` gives an idle adapter set on the ViT (on the run's device, off until an encoder switches it
+    on); ``open_store(adapters)`` freezes a set and gives its feature store. The state dict is the sets'
+    (keys ``<index>.units...``); loading one grows the bank to the sets it holds and closes them all, since
+    checkpoints are taken between tasks.
+    """
+
+    def __init__(self, new_set: Callable[[], nn.Module], open_store: Callable[[nn.Module], Any]) -> None:
+        super().__init__()
+        self.new_set = new_set
+        self.open_store = open_store
+        self.stores: list[Any] = []  # of the closed sets, in order
+        self.register_load_state_dict_pre_hook(self._grow_to_saved)
+        self.register_load_state_dict_post_hook(self._close_loaded)
+
+    def add(self, weights: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
+        """Append a new set, trainable until ``close``; starting from ``weights`` if given."""
+        adapters = self.new_set()
+        if weights is not None:
+            adapters.load_state_dict(weights)
+        self.append(adapters)
+        return adapters
+
+    def close(self) -> None:
+        """Freeze the newest set for good and open its feature store."""
+        self.stores.append(self.open_store(self[-1]))
+
+    def _grow_to_saved(self, module, state_dict, prefix, *args) -> None:
+        """Before loading: as many sets as the state dict holds, so that each finds its module."""
+        saved = {key[len(prefix):].split(".")[0] for key in state_dict if key.startswith(prefix)}
+        while len(self) < len(saved):
+            self.add()
+
+    def _close_loaded(self, module, incompatible_keys) -> None:
+        """After loading: the loaded sets' stores, keyed by their weights."""
+        for adapters in list(self)[len(self.stores):]:
+            self.stores.append(self.open_store(adapters))
 
 
 # ---------------------------------------------------------------------------------------------

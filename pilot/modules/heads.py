@@ -1,7 +1,9 @@
-"""Classifier heads shared by learners: a cosine head, per-task linear heads, class-mean prototypes."""
+"""Classifier heads shared by learners: a cosine head, per-task linear heads, class-mean prototypes, and the
+one head initialisation they all use."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -14,14 +16,54 @@ def cosine_logits(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     return F.normalize(features, dim=1) @ F.normalize(weights, dim=1).T
 
 
+HEAD_INITS = ("trunc_normal", "normal", "kaiming", "uniform", "torch")
+
+
+def init_head(head: nn.Module, init: str, std: float = 0.02) -> nn.Module:
+    """Draw ``head.weight`` in place by the rule of the method's code, and zero its bias if it has one:
+    "trunc_normal" (std ``std``: timm's ViT head, as SLCA, MOS, L2P, DualPrompt), "normal" (std ``std``: LAE),
+    "kaiming" (Kaiming uniform for a linear layer: PILOT's SimpleLinear), "uniform" (U(+-1/sqrt(in_dim)), PILOT's
+    CosineLinear), or "torch" (keep what PyTorch's nn.Linear drew, bias included: CODA-Prompt, the linear probe).
+    An empty weight (a task that adds no class) has nothing to draw."""
+    if init not in HEAD_INITS:
+        raise ValueError(f"head init must be one of {', '.join(HEAD_INITS)}, got '{init}'")
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if init == "torch" or weight.numel() == 0:
+        return head
+    if init == "trunc_normal":
+        nn.init.trunc_normal_(weight, std=std)
+    elif init == "normal":
+        nn.init.normal_(weight, std=std)
+    elif init == "kaiming":
+        nn.init.kaiming_uniform_(weight, nonlinearity="linear")
+    else:
+        bound = 1 / math.sqrt(weight.shape[1])
+        nn.init.uniform_(weight, -bound, bound)
+    if bias is not None:
+        nn.init.zeros_(bias)
+    return head
+
+
+def linear(in_dim: int, out_dim: int) -> nn.Linear:
+    """PyTorch's Linear, also zero-wide (a task that adds no class) without torch's warning about its empty weight."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
+        return nn.Linear(in_dim, out_dim)
+
+
+def linear_head(in_dim: int, num_classes: int, init: str = "trunc_normal", std: float = 0.02) -> nn.Linear:
+    """A linear head initialised by ``init_head``."""
+    return init_head(linear(in_dim, num_classes), init, std)
+
+
 class CosineHead(nn.Module):
     """``sigma * cos(features, w_c)`` with a learnable ``sigma`` (PILOT's ``CosineLinear`` and init)."""
 
     def __init__(self, in_dim: int, num_classes: int) -> None:
         super().__init__()
-        bound = 1 / math.sqrt(in_dim)
-        self.weight = nn.Parameter(torch.empty(num_classes, in_dim).uniform_(-bound, bound))
+        self.weight = nn.Parameter(torch.empty(num_classes, in_dim))
         self.sigma = nn.Parameter(torch.ones(1))
+        init_head(self, "uniform")
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.sigma * cosine_logits(features, self.weight)
@@ -30,37 +72,43 @@ class CosineHead(nn.Module):
 class PrototypeClassifier:
     """Class-mean prototypes of features, cosine logits (SimpleCIL; APER; RanPAC without projection).
 
-    Classes are added task by task, in label order; the prototypes are the whole state.
+    Classes are added task by task, in label order. A class seen again (a domain stream's next domain)
+    moves to the mean of all its images so far; the prototypes and image counts are the whole state.
     """
 
     def __init__(self, feature_dim: int) -> None:
         self.prototypes = torch.zeros(0, feature_dim)
+        self.counts = torch.zeros(0, dtype=torch.int64)
 
     def add_classes(self, features: torch.Tensor, labels: torch.Tensor, classes: range) -> None:
-        means = torch.stack([features[labels == c].mean(0) for c in classes])
-        self.prototypes = torch.cat([self.prototypes, means])
+        known = len(self.prototypes)
+        new = [c for c in classes if c >= known]
+        if new:  # in label order, so a new class's row is its label
+            self.prototypes = torch.cat([self.prototypes, torch.stack([features[labels == c].mean(0) for c in new])])
+            self.counts = torch.cat([self.counts, torch.stack([(labels == c).sum() for c in new])])
+        for c in (c for c in classes if c < known):
+            rows = labels == c
+            count = self.counts[c] + rows.sum()
+            self.prototypes[c] = (self.prototypes[c] * self.counts[c] + features[rows].sum(0)) / count
+            self.counts[c] = count
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         return cosine_logits(features, self.prototypes)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"prototypes": self.prototypes}
+        return {"prototypes": self.prototypes, "counts": self.counts}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.prototypes = state["prototypes"]
+        self.prototypes, self.counts = state["prototypes"], state["counts"]
 
 
 def task_heads(feature_dim: int, task_sizes: Sequence[int], init: str = "trunc_normal") -> nn.ModuleList:
-    """One linear head per task, zero bias. ``init``: "trunc_normal" (std 0.02, SLCA's SimpleContinualLinear)
-    or "kaiming" (Kaiming uniform for a linear layer, PILOT's SimpleLinear: together, the head PILOT's
-    finetune grows by copying old rows into a larger one)."""
-    heads = nn.ModuleList(nn.Linear(feature_dim, size) for size in task_sizes)
+    """One linear head per task (``init_head``): "trunc_normal" as SLCA's SimpleContinualLinear, "kaiming" as
+    PILOT's SimpleLinear (together, the head PILOT's finetune grows by copying old rows into a larger one).
+    All are built before any is drawn, the order the random draws of earlier runs came in."""
+    heads = nn.ModuleList(linear(feature_dim, size) for size in task_sizes)
     for head in heads:
-        if init == "kaiming":
-            nn.init.kaiming_uniform_(head.weight, nonlinearity="linear")
-        else:
-            nn.init.trunc_normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
+        init_head(head, init)
     return heads
 
 

@@ -1,0 +1,131 @@
+"""A run's checkpoint: one state file (``pilot.statefile``, so loading it runs no code) holding the
+run's config, its classes, how many tasks it completed, and the state of each named part (learner,
+RNG, metrics, rows, ...), each saved with ``state_dict`` and restored with ``load_state_dict``.
+
+Read a run's checkpoint only while holding its directory's lock: another process may be writing it.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from pilot.config import RunConfig
+from pilot.errors import PilotError
+from pilot.statefile import UnreadableState, load_state, save_state
+
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_KIND = "pilot-checkpoint/3"  # 3: task-IL counts, rehearsal memory, prototype counts
+# Checkpoints of pilot 0.1: pickles, which this version never loads (unpickling can run code).
+LEGACY_CHECKPOINT = "checkpoint.pt"
+
+# Keys that change how a run is shown or stored, not what it computes: resume may differ in them.
+RESUME_FREE_KEYS = frozenset({"progress", "log_dir", "feature_cache_dir", "num_workers", "download", "data_path",
+                              "weights_dir", "pretrained_path", "mlflow", "mlflow_tracking_uri",
+                              "wandb", "wandb_project"})
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class StatePart:
+    """A value held elsewhere (e.g. a run's rows), saved and restored through two functions."""
+
+    def __init__(self, get: Callable[[], Any], put: Callable[[Any], None]):
+        self.state_dict, self.load_state_dict = get, put
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "generator": generator.get_state()}
+
+
+def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["generator"])
+
+
+class RandomState(StatePart):
+    """The global RNGs and the run's generator: a resumed run draws what the uninterrupted one would."""
+
+    def __init__(self, generator: torch.Generator):
+        super().__init__(lambda: rng_state(generator), lambda state: restore_rng_state(state, generator))
+
+
+def config_for_resume(config: RunConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.to_flat_dict().items() if k not in RESUME_FREE_KEYS}
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A run's checkpoint state; a clear error, with the choice to start over, where it cannot be read."""
+    try:
+        return load_state(path, CHECKPOINT_KIND)
+    except UnreadableState as err:
+        raise PilotError(f"Cannot use the checkpoint: {err} Start this run over with --restart (which discards "
+                         f"its checkpoint and results), or put back an intact copy of the file.") from None
+
+
+class CheckpointStore:
+    """The checkpoint of the run in ``run_dir``."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / CHECKPOINT
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def refuse_legacy(self) -> None:
+        """A pickled checkpoint of pilot 0.1 with none of this version beside it: never loaded, so refused."""
+        legacy = self.run_dir / LEGACY_CHECKPOINT
+        if legacy.is_file() and not self.exists():
+            raise PilotError(
+                f"'{legacy}' is the checkpoint of an earlier pilot version, a pickle, which this version never "
+                f"loads (unpickling a file can run code). Start the run over with --restart, or finish it with "
+                f"the pilot version that wrote it."
+            )
+
+    def read(self) -> dict[str, Any]:
+        return read_checkpoint(self.path)
+
+    def read_for_resume(self, config: RunConfig) -> dict[str, Any]:
+        """The checkpoint, if ``config`` is the one it was written with (but for RESUME_FREE_KEYS)."""
+        state = self.read()
+        current, saved = config_for_resume(config), state["config"]
+        changed = sorted(k for k in set(current) | set(saved) if current.get(k) != saved.get(k))
+        if changed:
+            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in changed)
+            raise PilotError(
+                f"Cannot resume '{self.run_dir}': the config differs from the checkpoint's ({details}). "
+                f"Resume with the same config, or start the run over with --restart."
+            )
+        return state
+
+    def save(self, config: RunConfig, class_names: list[str], completed_tasks: int,
+             parts: dict[str, Stateful]) -> None:
+        header = {"config": config_for_resume(config), "run_config": config.to_flat_dict(),
+                  "class_names": class_names, "completed_tasks": completed_tasks}
+        save_state(self.path, {**header, **{name: part.state_dict() for name, part in parts.items()}},
+                   CHECKPOINT_KIND)
+
+    def restore(self, state: dict[str, Any], parts: dict[str, Stateful], learner_name: str) -> int:
+        """Load each part's state from ``state`` (read from this store); returns the tasks it completed."""
+        try:
+            for name, part in parts.items():
+                part.load_state_dict(state[name])
+            return state["completed_tasks"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise PilotError(f"'{self.path}' does not fit this run's {learner_name} ({type(err).__name__}: {err}): "
+                             f"it was written by another pilot version or edited. Start the run over with "
+                             f"--restart.") from None
