@@ -7,19 +7,26 @@ one of PILOT's names (mapped below), or ``open_clip:<model>[:<pretrained tag>]``
 ``random:<name>`` is that architecture randomly initialised (the baseline a pre-trained model must
 beat), and ``<name>@<k>`` keeps its first k transformer blocks (the features of an intermediate block,
 through the model's final norm and pooling). A list of backbones is a :class:`BackboneSet`.
+
+A local weights file must fit the backbone exactly, after timm's or open_clip's own conversion of it
+(position embeddings resized to ``img_size``, foreign formats mapped): only the classifier head, or an
+open_clip model's text side, may be missing or extra, as features do not depend on them.
 """
 from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
+import functools
+import json
 from pathlib import Path
 from typing import Optional
+from unittest import mock
 
 import torch
 from torch import nn
 
 from pilot.data.transforms import DataConfig
+from pilot.digests import files_sha256
 from pilot.errors import PilotError
 
 OPEN_CLIP_PREFIX = "open_clip:"
@@ -50,19 +57,12 @@ def resolve_backbone_name(name: str) -> str:
     return PILOT_BACKBONES.get(name, name)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class Backbone(nn.Module):
     """An image encoder returning one feature vector per image, with its input config.
 
     ``model`` is the underlying network (timm's ``VisionTransformer`` for ViTs), which prompt and
-    adapter modules attach to. ``identity`` names architecture and weights for feature caching.
+    adapter modules attach to. ``identity`` names all that its features depend on (see :func:`_identity`):
+    the feature cache's key, and what results.json records.
     """
 
     def __init__(self, model: nn.Module, data_config: DataConfig, feature_dim: int, identity: str):
@@ -94,10 +94,60 @@ def local_weights(backbone_type: str, pretrained_path: Optional[str], weights_di
     return next((c for c in candidates if c.is_file()), None)
 
 
-def _weights_identity(pretrained: bool, path: Optional[Path], seed: int) -> str:
+def _identity(architecture: str, model_args: dict, pretrained: bool, path: Optional[Path], seed: int, tag: str) -> str:
+    """Architecture, its backbone_args (canonical JSON) and weights: the file's content, the hub tag, or the
+    seed of a random init (``create_backbone`` appends ``@k``). Strict loading makes the file all of the weights."""
+    args = json.dumps(model_args, sort_keys=True, separators=(",", ":"))
     if path is not None:
-        return f"file-sha256:{file_sha256(path)}"
-    return "hub" if pretrained else f"random-seed{seed}"
+        weights = f"file-sha256:{files_sha256([path])}"
+    else:
+        weights = f"hub:{tag}" if pretrained else f"random-seed{seed}"
+    return f"{architecture}:{args}:{weights}"
+
+
+def _check_fit(path: Path, name: str, module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """A load_state_dict pre-hook: the tensors under ``prefix`` must be ``module``'s, shape for shape."""
+    expected = {prefix + key: tuple(value.shape) for key, value in module.state_dict().items()}
+    given = {key: tuple(value.shape) for key, value in state_dict.items() if key.startswith(prefix)}
+    misshaped = [f"{key} (file {given[key]}, model {expected[key]})"
+                 for key in sorted(expected.keys() & given.keys()) if given[key] != expected[key]]
+    problems = [_listing("backbone tensor(s) missing from the file", sorted(expected.keys() - given.keys())),
+                _listing("tensor(s) in the file that the backbone lacks", sorted(given.keys() - expected.keys())),
+                _listing("tensor(s) of another shape", misshaped)]
+    if any(problems):
+        raise PilotError(f"Weights file '{path}' does not fit backbone '{name}': {'; '.join(filter(None, problems))}. "
+                         f"The file is for another architecture (or incomplete): set backbone_type (and "
+                         f"backbone_args) to the model it was saved from, or give the file of '{name}'.")
+
+
+def _listing(what: str, items: list[str], shown: int = 5) -> str:
+    """'3 <what>: a, b, c', the first few of many; empty for none."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return f"{len(items)} {what}: {', '.join(items[:shown])}{more}" if items else ""
+
+
+@contextlib.contextmanager
+def _strictly_into(module: nn.Module, path: Path, name: str):
+    """Inside, loading a state dict into ``module`` (or a model containing it) checks it with :func:`_check_fit`."""
+    handle = module.register_load_state_dict_pre_hook(functools.partial(_check_fit, path, name))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _strict_timm_file(path: Path, name: str):
+    """timm loads a file leniently whenever the head is replaced (``num_classes=0``): check what it finally
+    loads, after its model's checkpoint filter, input-conv adaptation and head removal."""
+    from timm.models import _builder
+
+    load_pretrained = _builder.load_pretrained
+
+    def checked(model, *args, **kwargs):
+        with _strictly_into(model, path, name):
+            load_pretrained(model, *args, **kwargs)
+
+    return mock.patch.object(_builder, "load_pretrained", checked)
 
 
 def _timm_model(name: str, pretrained: bool, path: Optional[Path], **kwargs) -> nn.Module:
@@ -113,7 +163,10 @@ def _timm_model(name: str, pretrained: bool, path: Optional[Path], **kwargs) -> 
     if path is not None:  # the local file joins the user's overlay (input size, crop, mean/std), not replaces it
         kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
     try:
-        return timm.create_model(name, pretrained=pretrained or path is not None, **kwargs)
+        with _strict_timm_file(path, name) if path is not None else contextlib.nullcontext():
+            return timm.create_model(name, pretrained=pretrained or path is not None, **kwargs)
+    except PilotError:
+        raise
     except Exception as err:  # hub and file errors come in many types
         source = f"the file '{path}'" if path else "the model hub"
         raise PilotError(f"Could not load weights for '{name}' from {source} ({type(err).__name__}: {err}). {WEIGHTS_HELP}") from None
@@ -128,7 +181,7 @@ def _timm_backbone(name: str, pretrained: bool, path: Optional[Path], seed: int,
         size=img_size[-1] if img_size else cfg["input_size"][-1], mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
         interpolation=cfg.get("interpolation", "bicubic"), crop_pct=cfg.get("crop_pct", 0.875),
     )
-    identity = f"timm:{name}:{cfg.get('tag') or ''}:{_weights_identity(pretrained, path, seed)}"
+    identity = _identity(f"timm:{name}", model_args, pretrained, path, seed, cfg.get("tag") or "")
     return Backbone(model, data_config, model.num_features, identity)
 
 
@@ -143,17 +196,24 @@ def _open_clip_backbone(spec: str, pretrained: bool, path: Optional[Path], seed:
     if pretrained and path is None and not tag:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         raise PilotError(f"'{OPEN_CLIP_PREFIX}{model_name}' needs a pretrained tag, e.g. '{OPEN_CLIP_PREFIX}{model_name}:{tags[0] if tags else 'openai'}' (tags: {', '.join(tags)}).")
-    weights = str(path) if path is not None else (tag if pretrained else None)
+    hub = tag if pretrained and path is None else None
     try:
-        model = open_clip.create_model(model_name, pretrained=weights, require_pretrained=weights is not None)
+        model = open_clip.create_model(model_name, pretrained=hub, require_pretrained=hub is not None)
+        if path is not None:  # only the image tower need fit: its features ignore the text side
+            with _strictly_into(model.visual, path, OPEN_CLIP_PREFIX + spec):
+                open_clip.load_checkpoint(model, str(path), strict=False)
+    except PilotError:
+        raise
     except Exception as err:
-        raise PilotError(f"Could not load open_clip weights '{weights}' for '{model_name}' ({type(err).__name__}: {err}). {WEIGHTS_HELP}") from None
+        raise PilotError(f"Could not load open_clip weights '{path or hub}' for '{model_name}' "
+                         f"({type(err).__name__}: {err}). {WEIGHTS_HELP}") from None
     visual = model.visual
     cfg = open_clip.get_model_preprocess_cfg(model)
     size = cfg["size"][-1] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
     data_config = DataConfig(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
                              interpolation=cfg.get("interpolation", "bicubic"), crop_pct=1.0)
-    identity = f"open_clip:{model_name}:{tag}:{_weights_identity(pretrained, path, seed)}"
+    # backbone_args do not reach open_clip, so they are no part of its identity
+    identity = _identity(f"open_clip:{model_name}", {}, pretrained, path, seed, tag)
     return Backbone(visual, data_config, visual.output_dim, identity)
 
 

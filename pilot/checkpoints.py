@@ -1,6 +1,7 @@
 """A run's checkpoint: one state file (``pilot.statefile``, so loading it runs no code) holding the
-run's config, its classes, how many tasks it completed, and the state of each named part (learner,
-RNG, metrics, rows, ...), each saved with ``state_dict`` and restored with ``load_state_dict``.
+run's config, its classes, its data's manifest, how many tasks it completed, and the state of each
+named part (learner, RNG, metrics, rows, ...), each saved with ``state_dict`` and restored with
+``load_state_dict``. Resuming refuses another config, and data changed under the tasks completed.
 
 Read a run's checkpoint only while holding its directory's lock: another process may be writing it.
 """
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 
 from pilot.config import RunConfig
+from pilot.data import SourceDataset, TaskStream
+from pilot.data.manifest import Manifest, changes
 from pilot.errors import PilotError
 from pilot.statefile import UnreadableState, load_state, save_state
 
@@ -99,8 +102,9 @@ class CheckpointStore:
     def read(self) -> dict[str, Any]:
         return read_checkpoint(self.path)
 
-    def read_for_resume(self, config: RunConfig) -> dict[str, Any]:
-        """The checkpoint, if ``config`` is the one it was written with (but for RESUME_FREE_KEYS)."""
+    def read_for_resume(self, config: RunConfig, stream: TaskStream) -> dict[str, Any]:
+        """The checkpoint, if ``config`` is the one it was written with (but for RESUME_FREE_KEYS) and the
+        data of the tasks it completed is as it was then (``stream``: the run's, on the data now)."""
         state = self.read()
         current, saved = config_for_resume(config), state["config"]
         changed = sorted(k for k in set(current) | set(saved) if current.get(k) != saved.get(k))
@@ -110,22 +114,55 @@ class CheckpointStore:
                 f"Cannot resume '{self.run_dir}': the config differs from the checkpoint's ({details}). "
                 f"Resume with the same config, or start the run over with --restart."
             )
+        self._require_same_data(state, stream)
         return state
 
-    def save(self, config: RunConfig, class_names: list[str], completed_tasks: int,
+    def _require_same_data(self, state: dict[str, Any], stream: TaskStream) -> None:
+        """Refuse data changed where the checkpoint depends on it: the classes, the images of its tasks."""
+        try:
+            saved = Manifest.from_state(state["data"])
+        except (KeyError, TypeError, AttributeError):
+            raise PilotError(f"Cannot resume '{self.run_dir}': its checkpoint does not record the data it learnt "
+                             f"(an earlier pilot version wrote it), so a change cannot be ruled out. Start the run "
+                             f"over with --restart.") from None
+        completed = state.get("completed_tasks")  # checked once restored
+        tasks = stream.tasks[:completed] if isinstance(completed, int) else []
+        learnt = {part: np.concatenate([np.zeros(0, dtype=np.int64), *(getattr(task, part).indices for task in tasks)])
+                  for part in ("train", "test")}
+        # The rehearsal memory keeps its exemplars as positions in the training images.
+        found = changes(saved, stream.dataset.manifest, learnt, positions="memory" in state)
+        if found:
+            raise PilotError(f"Cannot resume '{self.run_dir}': the data changed since its checkpoint after task "
+                             f"{len(tasks)}: {'; '.join(found)}. Put the data back as it was, or start the run over "
+                             f"on the data as it is now with --restart.")
+
+    def save(self, config: RunConfig, dataset: SourceDataset, completed_tasks: int,
              parts: dict[str, Stateful]) -> None:
         header = {"config": config_for_resume(config), "run_config": config.to_flat_dict(),
-                  "class_names": class_names, "completed_tasks": completed_tasks}
+                  "class_names": dataset.class_names, "data": dataset.manifest.state(),
+                  "completed_tasks": completed_tasks}
         save_state(self.path, {**header, **{name: part.state_dict() for name, part in parts.items()}},
                    CHECKPOINT_KIND)
 
-    def restore(self, state: dict[str, Any], parts: dict[str, Stateful], learner_name: str) -> int:
-        """Load each part's state from ``state`` (read from this store); returns the tasks it completed."""
+    def restore(self, state: dict[str, Any], parts: dict[str, Stateful], learner_name: str, num_tasks: int) -> int:
+        """Load each part's state from ``state`` (read from this store) into a run of ``num_tasks`` tasks;
+        returns the tasks it completed."""
         try:
+            completed = self._completed_tasks(state, num_tasks)
             for name, part in parts.items():
                 part.load_state_dict(state[name])
-            return state["completed_tasks"]
+            return completed
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise PilotError(f"'{self.path}' does not fit this run's {learner_name} ({type(err).__name__}: {err}): "
                              f"it was written by another pilot version or edited. Start the run over with "
                              f"--restart.") from None
+
+    def _completed_tasks(self, state: dict[str, Any], num_tasks: int) -> int:
+        """The tasks the checkpoint completed, if its metrics and rows hold as many: a header edited by hand can
+        claim tasks whose metrics it lacks, and resuming or evaluating there would misalign them."""
+        completed, measured = state["completed_tasks"], len(state["metrics"]["correct"])
+        if not (completed == measured == len(state["rows"]) and 0 < completed <= num_tasks):
+            raise PilotError(f"'{self.path}' says it completed {completed!r} tasks but holds the metrics of {measured} "
+                             f"of this run's {num_tasks}: it was edited or damaged. Start the run over with --restart, "
+                             f"or put back an intact copy of the file.")
+        return completed

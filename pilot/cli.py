@@ -3,11 +3,14 @@
 ``pilot evaluate`` scores a run's last checkpoint again; ``pilot select`` ranks candidate backbones.
 
 Errors: a user's (``PilotError``) is one paragraph, no traceback, exit 2; a bug's comes with its
-traceback, exit 1."""
+traceback, exit 1. SIGINT and SIGTERM stop a run as interrupted (exit 130 and 143); --resume continues it."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -196,33 +199,61 @@ def run_select(argv: list[str]) -> int:
 SUBCOMMANDS = {"sweep": run_sweep, "summarize": run_summarize, "evaluate": run_evaluate, "select": run_select}
 
 
+class Terminated(BaseException):
+    """SIGTERM (what schedulers and ``kill`` send), raised where the process is, as SIGINT raises
+    KeyboardInterrupt: not an error of the run, so it is recorded as interrupted and --resume continues it."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut short the record of the first
+    raise Terminated(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """SIGTERM raises ``Terminated`` for the block, then the previous handler is back; signals reach the
+    main thread alone, so elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_config(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    from pilot.configure import load_config
+    from pilot.engine import run_experiment, summary_line
+
+    overrides = args.overrides + (["progress=false"] if args.quiet else [])
+    config = load_config(args.config, overrides)
+    for result in run_experiment(config, resume=args.resume, restart=args.restart):
+        print(summary_line(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     warnings.formatwarning = lambda message, *_, **__: f"pilot: warning: {message}\n"
+    command = SUBCOMMANDS[argv[0]] if argv and argv[0] in SUBCOMMANDS else None
     try:
-        if argv and argv[0] in SUBCOMMANDS:
-            return SUBCOMMANDS[argv[0]](argv[1:])
-        args = parser().parse_args(argv)
-        from pilot.configure import load_config
-        from pilot.engine import run_experiment, summary_line
-
-        overrides = args.overrides + (["progress=false"] if args.quiet else [])
-        config = load_config(args.config, overrides)
-        for result in run_experiment(config, resume=args.resume, restart=args.restart):
-            print(summary_line(result))
+        with sigterm_raises():
+            return command(argv[1:]) if command else run_config(argv)
     except PilotError as err:
         print(f"pilot: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as err:
         print("pilot: interrupted; continue with --resume", file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, Terminated) else 130  # 128 + the signal's number, as a shell reports it
     except Exception:  # a bug, not the user's input: its traceback is what a report needs
         traceback.print_exc()
         print("pilot: internal error: the traceback above is a bug in pilot or in a learner, not a fault of the "
               "input; please report it. A run that had started recorded it in its results.json, and --resume "
               "continues from its last checkpoint.", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -122,7 +122,9 @@ class RunContext:
         self.access = DataAccess(experiment.model_name)
         self.num_seen = 0  # classes seen once the current task is learnt (set by the loop)
         self._class_names = list(class_names)
-        self._dataset_key = f"{dataset.name}|{dataset.fingerprint}"  # the feature stores' cache key
+        # The feature stores' cache key names where the images are; each row is kept under its image's entry.
+        self._dataset_key = f"{dataset.name}|{dataset.manifest.origin}"
+        self._row_ids = dataset.manifest.row_ids
         self._stores: list[FeatureStore] = []
         if isinstance(backbone, BackboneSet):
             self.features = ConcatenatedFeatures([
@@ -187,8 +189,8 @@ class RunContext:
         transform = transform or self.eval_transform
         exp = self.experiment
         store = FeatureStore(lambda split: self.encode(encoder.eval(), split, desc=f"encode {split.part}", transform=transform),
-                             f"{identity}|{transform}|{self._dataset_key}", exp.feature_cache_dir or None,
-                             check=self.access.check)
+                             f"{identity}|{transform}|{self._dataset_key}", self._row_ids, exp.feature_cache_dir or None,
+                             check=self.access.check, width=getattr(encoder, "feature_dim", None))
         self._stores.append(store)
         return store
 

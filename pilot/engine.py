@@ -11,6 +11,7 @@ after the fix.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import time
 import warnings
@@ -144,8 +145,8 @@ class Run:
         """With ``resume``, the tasks the checkpoint completed, restored into this run (read under the lock)."""
         if not (self.resume and not self.restart and self.checkpoints.exists()):
             return 0
-        state = self.checkpoints.read_for_resume(self.config)
-        return self.checkpoints.restore(state, self.state_parts(), self.config.experiment.model_name)
+        state = self.checkpoints.read_for_resume(self.config, self.stream)
+        return self.checkpoints.restore(state, self.state_parts(), self.config.experiment.model_name, len(self.stream))
 
     def _clear_directory(self) -> None:
         """Temporary files of a killed writer go; with ``restart``, so do the previous run's outputs."""
@@ -190,7 +191,7 @@ class Run:
         self._log_task(task, row, log)
         scalars.add(task.num_seen, {f"accuracy/{k}": v for k, v in row.items() if k in STEP_SCALARS})
         if is_main():
-            self.checkpoints.save(self.config, self.dataset.class_names, task.index + 1, self.state_parts())
+            self.checkpoints.save(self.config, self.dataset, task.index + 1, self.state_parts())
         self.results = self.writer.write_progress(self.matrix, self.task_matrix, self.rows)
 
     def _update_memory(self, task) -> None:
@@ -230,13 +231,26 @@ class Run:
             log.info(f"task {task.index + 1} {name.replace('_', ' ')}: {value}")
 
 
+def check_writable(run_dir: Path) -> None:
+    """Refuse, before any work, a run directory that cannot be made or written; nothing is created here,
+    so a run refused later for its data leaves no folder behind."""
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "cannot be written (permission denied)" if existing.is_dir() else "is a file, not a folder"
+        raise PilotError(f"Cannot write the run's outputs to '{run_dir}': '{existing}' {why}. Set log_dir to a "
+                         f"folder you can write to.")
+
+
 def run_experiment(config: RunConfig, resume: bool = False, restart: bool = False) -> list[dict[str, Any]]:
     """Start ``config``'s runs, one per seed, each in its own directory: every directory is checked
     before any run starts; ``restart`` discards what earlier runs left there."""
     if resume and restart:
         raise PilotError("--resume continues a run and --restart discards it: choose one.")
-    for seed in config.experiment.seed:
-        check_run_directory(run_directory(config.experiment, seed), resume, restart)
+    for run_dir in (run_directory(config.experiment, seed) for seed in config.experiment.seed):
+        check_writable(run_dir)
+        check_run_directory(run_dir, resume, restart)
     results = []
     for seed in config.experiment.seed:
         run = Run(config.for_seed(seed), resume=resume, restart=restart)

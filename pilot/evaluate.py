@@ -39,7 +39,7 @@ def evaluate_run(run_dir: str | Path, overrides: Optional[dict[str, Any]] = None
     started = time.perf_counter()
     run = assemble(build_config(state["run_config"], {"progress": False, **overrides}), parts=("test",))
     _require_same_classes(state["class_names"], run.dataset.class_names, run.dataset.name)
-    completed = checkpoint.restore(state, run.state_parts(), run.config.experiment.model_name)
+    completed = checkpoint.restore(state, run.state_parts(), run.config.experiment.model_name, len(run.stream))
     scores = evaluate_seen_tasks(run.learner, run.stream, completed - 1)
     task_scenario = run.stream.scenario == "task"  # the run's headline accuracy is task-incremental
     correct, total = scores.task_correct if task_scenario else scores.correct, scores.total

@@ -5,7 +5,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from pilot.backbones import create_backbone, file_sha256, resolve_backbone_name
+from pilot.backbones import create_backbone, resolve_backbone_name
+from pilot.digests import sha256_of
 from pilot.errors import PilotError
 
 from conftest import TINY_VIT
@@ -91,4 +92,4 @@ def test_a_local_weights_file_keeps_the_users_pretrained_cfg_overlay(tmp_path):
     config = backbone.data_config
     assert (config.crop_pct, config.mean, config.std, config.interpolation) == (1.0, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6),
                                                                                 "bilinear")
-    assert backbone.identity.endswith(f"file-sha256:{file_sha256(path)}")
+    assert backbone.identity.endswith(f"file-sha256:{sha256_of(path)}")

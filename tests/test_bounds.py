@@ -4,6 +4,7 @@ import torch
 
 from pilot.configure import build_config
 from pilot.engine import Run
+from pilot.learners._gradient import make_scheduler
 from pilot.learners.finetune import Finetune
 
 from conftest import assert_resume_matches_uninterrupted, tiny_raw
@@ -32,9 +33,16 @@ def test_first_and_later_tasks_use_their_own_settings(tmp_path):
 
 
 def test_pilots_milestones_past_the_last_epoch_warn_and_keep_the_rate(tmp_path):
-    with pytest.warns(UserWarning, match="does not decay"):
+    with pytest.warns(UserWarning, match=r"milestones \[60, 120\] are at or past the last epoch \(2 epochs\) of "
+                                         r"the first task: the learning rate does not decay there") as warned:
         config = bound_config(tmp_path, "finetune", init_milestones=[60, 120], init_epoch=2).learner
-    assert Finetune.settings(config, True).milestones == []
+    assert len([w for w in warned if "milestones" in str(w.message)]) == 1  # later tasks' milestones are []
+    settings = Finetune.settings(config, True)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=settings.init_lr)
+    scheduler = make_scheduler(optimizer, settings)
+    for _ in range(settings.tuned_epoch):  # run as PILOT runs it: MultiStepLR never reaches epoch 60
+        assert optimizer.param_groups[0]["lr"] == settings.init_lr
+        scheduler.step()
 
 
 @pytest.mark.parametrize("learner", ["finetune", "joint"])

@@ -126,9 +126,10 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     assert_resume_matches_uninterrupted(lambda folder: slca_config(tmp_path / folder))
 
 
-def test_bad_milestones_and_single_image_classes_are_clear_errors(tmp_path):
-    with pytest.raises(Exception, match=r"milestones \[1\] are at or past the last epoch \(1 epochs\)"):
-        slca_run(tmp_path, milestones=[1])
+def test_late_milestones_warn_and_single_image_classes_are_clear_errors(tmp_path):
+    with pytest.warns(UserWarning, match=r"milestones \[1\] are at or past the last epoch \(1 epochs\): the "
+                                         r"learning rate does not decay there"):
+        slca_config(tmp_path, milestones=[1])  # as PILOT runs it: MultiStepLR never reaches epoch 1
     run = slca_run(tmp_path, train_per_class=1)
     with pytest.raises(Exception, match="at least 2 training images per class"):
         run.learner.fit(run.stream.tasks[0])

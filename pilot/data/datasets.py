@@ -15,7 +15,9 @@ from typing import Callable, Optional, Union
 import numpy as np
 from PIL import Image
 
+from pilot.data.manifest import Manifest, file_manifest, memory_manifest
 from pilot.data.names import apply_class_names, folder_class_name, readable_name
+from pilot.digests import files_sha256
 from pilot.errors import PilotError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -65,10 +67,10 @@ class SourceDataset:
     test: ImageSet
     # Readable names (for people and CLIP prompts), in the dataset's class order.
     class_names: list[str]
+    # What the images are (pilot.data.manifest): keys the feature cache, checked on resume.
+    manifest: Manifest
     # False for native low-resolution sets (cifar100) fed to a model at their own size.
     resize_to_model: bool = True
-    # Identifies the files read, for the feature cache key.
-    fingerprint: str = ""
     # Domain datasets: the domains' names (each image's ``ImageSet.domains`` indexes them); empty elsewhere.
     domain_names: list[str] = field(default_factory=list)
     # Folder datasets: each class's folder name, which identifies it on disk; empty elsewhere.
@@ -77,6 +79,11 @@ class SourceDataset:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies every image of the dataset: changes whenever one does."""
+        return self.manifest.digest
 
 
 # ---------------------------------------------------------------------------------- CIFAR-100
@@ -114,6 +121,10 @@ def _download_cifar(root: Path) -> None:
         ) from None
 
 
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle that names a global no CIFAR-100 file holds: code, which loading it would run."""
+
+
 class _ArraysOnly(pickle.Unpickler):
     """CIFAR's pickles hold dicts, lists, strings and NumPy arrays: refuse any other global, so a
     tampered file cannot run code."""
@@ -124,19 +135,26 @@ class _ArraysOnly(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which CIFAR-100 files never do")
+            raise ForbiddenGlobal(f"{module}.{name}")
         return super().find_class(module, name)
 
 
 def _unpickle(read: Callable[[str], bytes], member: str, origin: Path) -> dict:
+    where = f"'{origin / member}'" if origin.is_dir() else f"'{member}' in '{origin}'"
     try:
         return _ArraysOnly(io.BytesIO(read(member)), encoding="latin1").load()
     except (KeyError, FileNotFoundError):
         raise PilotError(f"'{origin}' has no '{member}' file: it is not the CIFAR-100 python release. {CIFAR_HELP}") from None
+    except ForbiddenGlobal as err:
+        raise PilotError(
+            f"{where} refers to {err}, which CIFAR-100 files never do: pilot refuses to load code from a data "
+            f"file, so it was not loaded. The file was tampered with or is not CIFAR-100: delete it and download "
+            f"CIFAR-100 again. {CIFAR_HELP}"
+        ) from None
     except Exception as err:
         raise PilotError(
-            f"Could not read '{member}' from '{origin}' ({type(err).__name__}: {err}): the file is "
-            f"corrupt or truncated. Delete it and download CIFAR-100 again. {CIFAR_HELP}"
+            f"Could not read {where} ({type(err).__name__}: {err}): the file is corrupt or truncated. Delete it "
+            f"and download CIFAR-100 again. {CIFAR_HELP}"
         ) from None
 
 
@@ -173,11 +191,12 @@ def load_cifar100(data_path: str, download: bool, name: str) -> SourceDataset:
     meta = _unpickle(read, "meta", location)
     train = _cifar_split(_unpickle(read, "train", location), location, "train")
     test = _cifar_split(_unpickle(read, "test", location), location, "test")
-    stat = location.stat()
+    files = [location / member for member in ("train", "test", "meta")] if location.is_dir() else [location]
+    manifest = memory_manifest(str(location.resolve()), files_sha256(files)[:24], meta["fine_label_names"], [],
+                               {"train": train, "test": test})
     return SourceDataset(
         name=name, train=train, test=test, class_names=[readable_name(n) for n in meta["fine_label_names"]],
-        resize_to_model=(name != "cifar100"),
-        fingerprint=f"{location.resolve()}:{stat.st_size}:{int(stat.st_mtime)}",
+        manifest=manifest, resize_to_model=(name != "cifar100"),
     )
 
 
@@ -230,8 +249,7 @@ def load_folder(data_path: str, name: str, parts: tuple[str, ...] = ("train", "t
                                  f"the missing folders, or remove these.")
     train, test = (_scan_folder(dirs[part], folders) for part in ("train", "test"))
     return SourceDataset(name=name, train=train, test=test, class_names=[folder_class_name(f) for f in folders],
-                         class_folders=folders,
-                         fingerprint=f"{root.resolve()}:{len(train)}:{len(test)}")
+                         class_folders=folders, manifest=file_manifest(root, folders, [], {"train": train, "test": test}))
 
 
 # -------------------------------------------------------------------------------- synthetic
@@ -248,9 +266,11 @@ def make_synthetic(num_classes: int, per_class: int, size: int, seed: int = 0) -
         return ImageSet(np.clip(images, 0, 255).astype(np.uint8).reshape(-1, size, size, 3), labels)
 
     train, test = split(per_class), split(max(per_class // 2, 1))
+    class_names = [f"class_{i}" for i in range(num_classes)]
+    parameters = f"synthetic:{num_classes}:{per_class}:{size}:{seed}"  # they define every image
     return SourceDataset(
-        name="synthetic", train=train, test=test, class_names=[f"class_{i}" for i in range(num_classes)],
-        fingerprint=f"synthetic:{num_classes}:{per_class}:{size}:{seed}",
+        name="synthetic", train=train, test=test, class_names=class_names,
+        manifest=memory_manifest("synthetic", parameters, class_names, [], {"train": train, "test": test}),
     )
 
 

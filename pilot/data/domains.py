@@ -7,7 +7,6 @@ loading, so a class missing from a domain is reported before a run writes anythi
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pilot.data.datasets import IMAGE_SUFFIXES, ImageSet, SourceDataset
+from pilot.data.manifest import file_manifest, memory_manifest
 from pilot.data.names import folder_class_name
 from pilot.errors import PilotError
 
@@ -113,8 +113,7 @@ def load_domain_folder(data_path: str, parts: tuple[str, ...] = PARTS) -> Source
     return SourceDataset(
         name="domain_folder", train=sets["train"], test=sets["test"],
         class_names=[folder_class_name(folder) for folder in class_folders], class_folders=class_folders,
-        domain_names=domains,
-        fingerprint=f"{root.resolve()}:{len(sets['train'])}:{len(sets['test'])}",
+        domain_names=domains, manifest=file_manifest(root, class_folders, domains, sets),
     )
 
 
@@ -221,14 +220,6 @@ def _read_split_list(list_file: Path, domain: str, root: str, classes: _ClassFol
     return paths, labels
 
 
-def _domainnet_fingerprint(root: Path, domains: list[str]) -> str:
-    """The split lists' sizes and times (they define the images), also of a part not read, so that
-    a test-only load shares the feature cache of a full one."""
-    lists = [root / f"{domain}_{part}.txt" for domain in domains for part in PARTS]
-    stats = [f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in lists if f.is_file()]
-    return f"{root.resolve()}:{hashlib.sha1('|'.join(stats).encode()).hexdigest()[:16]}"
-
-
 def load_domainnet(data_path: str, parts: tuple[str, ...] = PARTS) -> SourceDataset:
     """DomainNet from its split lists under ``<data_path>/domainnet`` (or ``data_path``): domains
     sorted, labels as listed, class names from the class folders. Only the ``parts`` named are read;
@@ -247,7 +238,8 @@ def load_domainnet(data_path: str, parts: tuple[str, ...] = PARTS) -> SourceData
         name="domainnet", train=sets["train"], test=sets["test"],
         class_names=[folder_class_name(folder) for folder in class_folders], class_folders=class_folders,
         domain_names=domains,
-        fingerprint=_domainnet_fingerprint(root, domains),
+        # The split lists' lines define the images: their 600k files are not stat-ed.
+        manifest=file_manifest(root, class_folders, domains, sets, stat=False),
     )
 
 
@@ -284,8 +276,9 @@ def make_synthetic_domains(num_classes: int, per_class: int, size: int, num_doma
         return ImageSet(pixels, labels, np.repeat(np.arange(num_domains, dtype=np.int64), num_classes * count))
 
     train, test = split(per_class), split(max(per_class // 2, 1))
+    class_names, domain_names = [f"class_{i}" for i in range(num_classes)], [f"domain_{d}" for d in range(num_domains)]
+    parameters = f"synthetic_domains:{num_classes}:{per_class}:{size}:{num_domains}:{seed}"  # they define every image
     return SourceDataset(
-        name="synthetic_domains", train=train, test=test, class_names=[f"class_{i}" for i in range(num_classes)],
-        domain_names=[f"domain_{d}" for d in range(num_domains)],
-        fingerprint=f"synthetic_domains:{num_classes}:{per_class}:{size}:{num_domains}:{seed}",
+        name="synthetic_domains", train=train, test=test, class_names=class_names, domain_names=domain_names,
+        manifest=memory_manifest("synthetic", parameters, class_names, domain_names, {"train": train, "test": test}),
     )

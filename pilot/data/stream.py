@@ -5,6 +5,7 @@ time); a ``domain`` stream brings one domain of a domain dataset per task, every
 same classes."""
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ def class_order(num_classes: int, shuffle: bool, seed: int) -> list[int]:
 
 
 def task_sizes(num_classes: int, init_cls: int, increment: int) -> list[int]:
-    """``init_cls`` classes, then ``increment`` per task; a last, smaller task takes the rest."""
+    """``init_cls`` classes, then ``increment`` per task; a last, smaller task takes the rest (with a warning:
+    a protocol's name, "B10 Inc40", does not say so)."""
     if init_cls > num_classes:
         raise PilotError(
             f"init_cls is {init_cls} but the dataset has only {num_classes} classes. "
@@ -37,6 +39,10 @@ def task_sizes(num_classes: int, init_cls: int, increment: int) -> list[int]:
         sizes.append(increment)
     if num_classes > sum(sizes):
         sizes.append(num_classes - sum(sizes))
+    if len(sizes) > 1 and sizes[-1] < increment:
+        warnings.warn(f"increment {increment} does not divide the {num_classes - init_cls} classes after init_cls "
+                      f"{init_cls}: the tasks hold {', '.join(map(str, sizes))} classes, the last only {sizes[-1]}. "
+                      f"Set increment to a divisor of {num_classes - init_cls} for tasks of equal size.", stacklevel=2)
     return sizes
 
 

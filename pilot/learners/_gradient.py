@@ -10,6 +10,7 @@ evaluation. ``fit_on_features`` is the small loop for heads trained on batches o
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Optional
@@ -54,7 +55,8 @@ class TrainConfig(LearnerConfig):
     clip_grad: float = 0.0
 
 
-def validate_train_config(config: TrainConfig) -> None:
+def validate_train_config(config: TrainConfig, phase: str = "") -> None:
+    """``phase`` names the tasks these settings train ("the first task"), where a learner has settings per phase."""
     if config.optimizer not in OPTIMIZERS:
         raise PilotError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{config.optimizer}'.")
     if config.scheduler not in SCHEDULERS:
@@ -62,9 +64,11 @@ def validate_train_config(config: TrainConfig) -> None:
     if config.tuned_epoch < 0 or config.batch_size < 1 or config.init_lr <= 0:
         raise PilotError("tuned_epoch must be >= 0, batch_size >= 1 and init_lr > 0.")
     late = [m for m in config.milestones if m >= config.tuned_epoch]
-    if config.scheduler == "steplr" and late:
-        raise PilotError(f"milestones {late} are at or past the last epoch ({config.tuned_epoch} epochs): "
-                         f"they would never apply. Use milestones below tuned_epoch.")
+    if config.scheduler == "steplr" and late and config.tuned_epoch:
+        # PILOT runs such configs (its finetune.json has them): MultiStepLR never reaches those epochs.
+        warnings.warn(f"milestones {late} are at or past the last epoch ({config.tuned_epoch} epochs)"
+                      f"{f' of {phase}' if phase else ''}: the learning rate does not decay there, as in PILOT. "
+                      f"Set milestones below the number of epochs for a decay.", stacklevel=3)
 
 
 def make_optimizer(parameters: list[nn.Parameter] | list[dict], config: TrainConfig) -> torch.optim.Optimizer:
@@ -216,9 +220,14 @@ class GradientLearner(Learner):
 
     @classmethod
     def validate_settings(cls, config) -> None:
-        """Check both phases' settings (what ``validate_config`` of a method with per-phase keys calls)."""
-        for first_task in (True, False):
-            validate_train_config(cls.settings(config, first_task))
+        """Check both phases' settings (what ``validate_config`` of a method with per-phase keys calls): once
+        where they are the same, so each problem is reported once."""
+        first, later = cls.settings(config, True), cls.settings(config, False)
+        if first == later:
+            validate_train_config(first)
+        else:
+            validate_train_config(first, "the first task")
+            validate_train_config(later, "later tasks")
 
     def param_groups(self, parameters: list[nn.Parameter]) -> list[nn.Parameter] | list[dict]:
         """What the task's optimiser gets: the parameters, or groups with their own ``lr`` (SLCA's slow backbone)."""

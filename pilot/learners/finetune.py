@@ -4,7 +4,6 @@ protects what earlier tasks learnt. The first task has its own schedule (PILOT's
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -14,7 +13,7 @@ from torch import nn
 from pilot.config import LearnerConfig
 from pilot.data.stream import Task
 from pilot.learners import register_learner
-from pilot.learners._gradient import GradientLearner, TrainConfig, validate_train_config
+from pilot.learners._gradient import GradientLearner, TrainConfig
 from pilot.modules.heads import classify, task_heads
 
 
@@ -48,26 +47,17 @@ class Finetune(GradientLearner):
 
     @classmethod
     def settings(cls, config: FinetuneConfig, first_task: bool) -> TrainConfig:
-        """The ``init_`` keys or the later tasks' ones; milestones past the last epoch never apply."""
-        epochs = config.init_epoch if first_task else config.epochs
-        milestones = config.init_milestones if first_task else config.milestones
-        return TrainConfig(tuned_epoch=epochs, init_lr=config.init_lr if first_task else config.lrate,
+        """The ``init_`` keys or the later tasks' ones."""
+        return TrainConfig(tuned_epoch=config.init_epoch if first_task else config.epochs,
+                           init_lr=config.init_lr if first_task else config.lrate,
                            batch_size=config.batch_size, optimizer="sgd", scheduler="steplr",
                            weight_decay=config.init_weight_decay if first_task else config.weight_decay,
-                           milestones=[m for m in milestones if m < epochs],
+                           milestones=config.init_milestones if first_task else config.milestones,
                            lr_decay=config.init_lr_decay if first_task else config.lrate_decay)
 
     @classmethod
     def validate_config(cls, config: FinetuneConfig) -> None:
-        for first_task, (epochs, milestones) in ((True, (config.init_epoch, config.init_milestones)),
-                                                  (False, (config.epochs, config.milestones))):
-            validate_train_config(cls.settings(config, first_task))
-            late = [m for m in milestones if m >= epochs]
-            if late and epochs:
-                prefix = "init_" if first_task else ""
-                warnings.warn(f"{prefix}milestones {late} are at or past the last epoch ({prefix}epoch"
-                              f"{'' if first_task else 's'} = {epochs}): the learning rate does not decay there "
-                              f"(as in PILOT, whose finetune.json has such milestones).", stacklevel=4)
+        cls.validate_settings(config)
 
     def seen_heads(self) -> nn.ModuleList:
         return self.net["heads"][: len(self.ctx.protocol.tasks_within(self.num_seen))]
