@@ -17,12 +17,14 @@ from pilot.checkpoints import RandomState, StatePart, Stateful
 from pilot.config import ExperimentConfig, RunConfig
 from pilot.context import Protocol, RunContext
 from pilot.data import SourceDataset, TaskStream, load_dataset
+from pilot.data.checks import check_train_counts
 from pilot.data.transforms import Preprocessing
 from pilot.distributed import initialise, local_device
 from pilot.errors import PilotError
 from pilot.learners import learner_class
 from pilot.learners._base import Learner
 from pilot.memory import RehearsalMemory
+from pilot.outputs import require_folder
 
 TRAIN_AND_TEST = ("train", "test")
 
@@ -127,7 +129,10 @@ def assemble(config: RunConfig, parts: tuple[str, ...] = TRAIN_AND_TEST) -> Asse
     seed_everything(seed)
     device = local_device(resolve_device(exp.device))
     initialise(device)  # under torchrun: join the process group (gloo on CPUs, NCCL on GPUs)
+    require_folder(exp.feature_cache_dir, "feature_cache_dir")
     dataset, stream = load_stream(exp, seed, parts)
+    if "train" in parts:
+        check_train_counts(stream, learner_class(exp.model_name).min_train_per_class, exp.model_name)
     backbone = build_backbone(exp, seed)
     generator = torch.Generator().manual_seed(seed)
     ctx = make_context(exp, backbone, dataset, stream, device, generator)

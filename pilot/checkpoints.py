@@ -100,7 +100,13 @@ class CheckpointStore:
             )
 
     def read(self) -> dict[str, Any]:
-        return read_checkpoint(self.path)
+        """The checkpoint's state, if its measurements agree with one another."""
+        state = read_checkpoint(self.path)
+        problem = _inconsistency(state)
+        if problem:
+            raise PilotError(f"'{self.path}' was damaged or edited: {problem}. Start the run over with --restart, or "
+                             f"put back an intact copy of the file.")
+        return state
 
     def read_for_resume(self, config: RunConfig, stream: TaskStream) -> dict[str, Any]:
         """The checkpoint, if ``config`` is the one it was written with (but for RESUME_FREE_KEYS) and the
@@ -158,11 +164,48 @@ class CheckpointStore:
                              f"--restart.") from None
 
     def _completed_tasks(self, state: dict[str, Any], num_tasks: int) -> int:
-        """The tasks the checkpoint completed, if its metrics and rows hold as many: a header edited by hand can
-        claim tasks whose metrics it lacks, and resuming or evaluating there would misalign them."""
-        completed, measured = state["completed_tasks"], len(state["metrics"]["correct"])
-        if not (completed == measured == len(state["rows"]) and 0 < completed <= num_tasks):
-            raise PilotError(f"'{self.path}' says it completed {completed!r} tasks but holds the metrics of {measured} "
-                             f"of this run's {num_tasks}: it was edited or damaged. Start the run over with --restart, "
-                             f"or put back an intact copy of the file.")
+        """The tasks the checkpoint completed (as many as its metrics, ``read`` checked), if this run has them."""
+        completed = state["completed_tasks"]
+        if not 0 < completed <= num_tasks:
+            raise PilotError(f"'{self.path}' says it completed {completed} tasks, but this run has {num_tasks}: it "
+                             f"was written for another run. Start the run over with --restart.")
         return completed
+
+
+def _inconsistency(state: Any) -> str | None:
+    """What in a checkpoint's measurements cannot be so, or None: the digest stops edits by hand, this stops
+    values that a bug or a re-digested edit made impossible (counts that would give an accuracy of 125)."""
+    if not isinstance(state, dict):
+        return "it holds no run's state"
+    completed, rows = state.get("completed_tasks"), state.get("rows")
+    if not (_is_count(completed) and isinstance(rows, list)):
+        return "it records no count of completed tasks and their rows"
+    for name in ("metrics", "task_metrics"):
+        problem = _matrix_inconsistency(state.get(name), completed)
+        if problem:
+            return f"its {name} {problem}"
+    if len(rows) != completed:
+        return f"it says it completed {completed} tasks but holds {len(rows)} rows of results"
+    return None
+
+
+def _matrix_inconsistency(counts: Any, completed: int) -> str | None:
+    """Counts of an ``AccuracyMatrix``: step t has one (correct, total) per task 1..t+1, 0 <= correct <= total."""
+    if not (isinstance(counts, dict) and all(isinstance(counts.get(k), list) for k in ("correct", "total"))):
+        return "hold no correct and total counts"
+    correct, total = counts["correct"], counts["total"]
+    if not len(correct) == len(total) == completed:
+        return f"hold {len(correct)} steps of correct and {len(total)} of total counts for {completed} completed tasks"
+    for step, (hits, sizes) in enumerate(zip(correct, total), start=1):
+        if not (isinstance(hits, list) and isinstance(sizes, list) and len(hits) == len(sizes) == step):
+            return f"at step {step} do not hold one count per task learnt by then"
+        for task, (hit, size) in enumerate(zip(hits, sizes), start=1):
+            if not (_is_count(hit) and _is_count(size)):
+                return f"at step {step}: task {task}'s counts {hit!r} of {size!r} are not whole numbers of images"
+            if hit > size:
+                return f"at step {step}: task {task}'s correct count {hit} exceeds its {size} test images"
+    return None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import signal
 import sys
 import threading
@@ -80,11 +81,11 @@ def sweep_parser() -> argparse.ArgumentParser:
 
 
 def run_sweep(argv: list[str]) -> int:
-    from pilot.config import parse_override
+    from pilot.config import parse_overrides
     from pilot.sweep import execute, expand, parse_grid
 
     args = sweep_parser().parse_args(argv)
-    sets = dict(parse_override(text) for text in args.overrides + ["progress=false"])
+    sets = {**parse_overrides(args.overrides), "progress": False}
     sweep = expand(args.configs, parse_grid(args.grid), sets, args.name)
     sweep.cpus_per_run = args.cpus_per_run
     sweep.gpus_per_run = args.gpus_per_run if args.gpus_per_run is not None else float(sweep.uses_cuda())
@@ -146,11 +147,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 
 def run_evaluate(argv: list[str]) -> int:
-    from pilot.config import parse_override
+    from pilot.config import parse_overrides
     from pilot.evaluate import evaluate_run, report
 
     args = evaluate_parser().parse_args(argv)
-    overrides = dict(parse_override(text) for text in args.overrides)
+    overrides = parse_overrides(args.overrides)
     overrides.update({k: v for k, v in (("dataset", args.dataset), ("data_path", args.data_path)) if v})
     print(report(evaluate_run(args.run_dir, overrides, args.output)))
     return 0
@@ -190,7 +191,7 @@ def run_select(argv: list[str]) -> int:
     print(table(selection))
     print(f"best by {args.rank_by}: {selection['ranking'][0]}; selection took {selection['seconds']:.1f}s; wrote {output}")
     if args.run:
-        best = load_config(args.config, args.overrides + [f"backbone_type={selection['ranking'][0]}"])
+        best = load_config(args.config, args.overrides, {"backbone_type": selection["ranking"][0]})
         for result in run_experiment(best):
             print(summary_line(result))
     return 0
@@ -228,8 +229,7 @@ def run_config(argv: list[str]) -> int:
     from pilot.configure import load_config
     from pilot.engine import run_experiment, summary_line
 
-    overrides = args.overrides + (["progress=false"] if args.quiet else [])
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, args.overrides, {"progress": False} if args.quiet else None)
     for result in run_experiment(config, resume=args.resume, restart=args.restart):
         print(summary_line(result))
     return 0
@@ -248,12 +248,35 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Terminated) as err:
         print("pilot: interrupted; continue with --resume", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130  # 128 + the signal's number, as a shell reports it
-    except Exception:  # a bug, not the user's input: its traceback is what a report needs
+    except Exception as err:  # a bug, not the user's input: its traceback is what a report needs
         traceback.print_exc()
-        print("pilot: internal error: the traceback above is a bug in pilot or in a learner, not a fault of the "
-              "input; please report it. A run that had started recorded it in its results.json, and --resume "
-              "continues from its last checkpoint.", file=sys.stderr)
+        print(internal_error_message(err), file=sys.stderr)
         return 1
+
+
+def internal_error_message(err: BaseException) -> str:
+    """What the CLI says under a bug's traceback: where the run it stopped recorded it, only if one did."""
+    message = ("pilot: internal error: the traceback above is a bug in pilot or in a learner, not a fault of the "
+               "input; please report it.")
+    record = failure_record(err)
+    if record is None:
+        return message
+    return f"{message} The run recorded it in '{record}', and --resume continues from its last checkpoint."
+
+
+def failure_record(err: BaseException) -> Path | None:
+    """The results.json that records ``err``: a run that had started writes it there as it fails (in the
+    directory of a frame's ``self.run_dir``); None where no file says so (the error came before)."""
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        run_dir = getattr(frame.f_locals.get("self"), "run_dir", None)
+        if run_dir is None:
+            continue
+        path = Path(run_dir) / "results.json"
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            error = json.loads(path.read_text(encoding="utf-8")).get("error", {})
+            if error.get("type") == type(err).__name__ and error.get("message") == str(err):
+                return path
+    return None
 
 
 if __name__ == "__main__":

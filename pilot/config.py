@@ -121,6 +121,20 @@ def backbone_label(backbone_type: str | list[str]) -> str:
     return "+".join(backbone_type) if isinstance(backbone_type, list) else backbone_type
 
 
+def backbone_path_part(backbone_type: str | list[str]) -> str:
+    """The backbone's label as part of a run directory's name: hub names' ``/`` and ``:`` become ``-``."""
+    return backbone_label(backbone_type).replace("/", "-").replace(":", "-")
+
+
+def _require_path_part(key: str, name: str) -> None:
+    """``name`` becomes part of the run directory's path: it must not lead out of ``log_dir``."""
+    bad = [shown for char, shown in (("/", "'/'"), ("\\", "'\\'"), ("\0", "NUL")) if char in name]
+    if bad or name in (".", ".."):
+        why = f"contains {' and '.join(bad)}" if bad else f"is '{name}'"
+        raise PilotError(f"{key} {why} ({name!r}), but it names a folder of the run directory under log_dir: "
+                         f"use a plain name, without path separators.")
+
+
 @dataclass
 class LearnerConfig:
     """Base of every learner's hyperparameter dataclass (one per learner, published defaults)."""
@@ -201,6 +215,12 @@ def _validate_experiment(exp: ExperimentConfig) -> None:
     for key in ("train_per_class", "test_per_class", "max_tasks", "num_workers"):
         if getattr(exp, key) < 0:
             raise PilotError(f"{key} must be 0 (no limit) or positive (got {getattr(exp, key)}).")
+    for key in ("synthetic_classes", "synthetic_per_class", "synthetic_image_size", "synthetic_domains"):
+        if getattr(exp, key) < 1:
+            raise PilotError(f"{key} must be at least 1 (got {getattr(exp, key)}).")
+    for key, name in (("prefix", exp.prefix.strip()), ("dataset", exp.dataset), ("model_name", exp.model_name),
+                      ("backbone_type", backbone_path_part(exp.backbone_type))):
+        _require_path_part(key, name)
 
 
 def _check_learner_fits(learner_cls: type, exp: ExperimentConfig) -> None:
@@ -292,12 +312,32 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
+def parse_overrides(texts: list[str]) -> dict[str, Any]:
+    """Every ``--set``; one key set twice to different values is an error, not "the last one wins"."""
+    return _unique(map(parse_override, texts), "--set")
+
+
+def _unique(pairs, source: str) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found and found[key] != value:
+            raise PilotError(f"{source} gives '{key}' twice, {found[key]!r} and {value!r}. Keep one of them.")
+        found[key] = value
+    return found
+
+
 def load_raw(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise PilotError(f"Config file '{path}' does not exist. Pass an existing JSON file, e.g. --config exps/simplecil.json.")
     try:
-        raw = json.loads(path.read_text())
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is accepted
+    except UnicodeDecodeError as err:
+        byte = err.object[err.start:err.start + 1]
+        raise PilotError(f"Config file '{path}' is not UTF-8 text (byte {err.start}: {byte!r}): a config must be a "
+                         f"UTF-8 JSON file.") from None
+    try:
+        raw = json.loads(text, object_pairs_hook=lambda pairs: _unique(pairs, f"Config file '{path}'"))
     except json.JSONDecodeError as err:
         raise PilotError(f"Config file '{path}' is not valid JSON: {err}.") from None
     if not isinstance(raw, dict):

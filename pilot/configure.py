@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from pilot.config import ExperimentConfig, RunConfig, assemble_config, load_raw, parse_override
+from pilot.config import ExperimentConfig, RunConfig, assemble_config, load_raw, parse_overrides
 from pilot.errors import PilotError
 from pilot.learners import learner_class, learner_names
 
@@ -19,5 +19,7 @@ def build_config(raw: dict[str, Any], overrides: Optional[dict[str, Any]] = None
     return assemble_config(learner_class(model_name), raw, overrides)
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    return build_config(load_raw(path), dict(parse_override(text) for text in overrides))
+def load_config(path: str | Path, overrides: list[str] = (), fixed: Optional[dict[str, Any]] = None) -> RunConfig:
+    """The config file with the ``--set`` texts ``overrides``; ``fixed`` (set by the command itself, e.g.
+    ``--quiet``) wins over both."""
+    return build_config(load_raw(path), {**parse_overrides(overrides), **(fixed or {})})

@@ -11,6 +11,7 @@ after the fix.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -21,10 +22,10 @@ from typing import Any
 import torch
 
 from pilot.assembly import assemble
-from pilot.checkpoints import CHECKPOINT, LEGACY_CHECKPOINT, CheckpointStore, StatePart, Stateful
+from pilot.checkpoints import CHECKPOINT, LEGACY_CHECKPOINT, RESUME_FREE_KEYS, CheckpointStore, StatePart, Stateful
 # Re-exported: tests and tools import these from the engine.
 from pilot.checkpoints import CHECKPOINT_KIND, read_checkpoint, restore_rng_state, rng_state  # noqa: F401
-from pilot.config import ExperimentConfig, RunConfig, backbone_label
+from pilot.config import ExperimentConfig, RunConfig, backbone_path_part
 from pilot.data import TaskStream
 from pilot.distributed import is_main, launched, rank_and_size
 from pilot.errors import PilotError
@@ -46,21 +47,24 @@ def run_directory(experiment: ExperimentConfig, seed: int) -> Path:
     """PILOT's layout: <log_dir>/<model>/<dataset>/<B>/<increment>/<prefix>_<seed>_<backbone>; a domain stream
     (whose tasks are domains, not class counts) in <log_dir>/<model>/<dataset>/domain/<prefix>_<seed>_<backbone>."""
     base = 0 if experiment.init_cls == experiment.increment else experiment.init_cls
-    backbone = backbone_label(experiment.backbone_type).replace("/", "-").replace(":", "-")
+    backbone = backbone_path_part(experiment.backbone_type)
     prefix = experiment.prefix.strip()
     name = f"{prefix}_{seed}_{backbone}" if prefix else f"{seed}_{backbone}"
     protocol = ("domain",) if experiment.scenario == "domain" else (str(base), str(experiment.increment))
     return Path(experiment.log_dir, experiment.model_name, experiment.dataset, *protocol, name)
 
 
-def check_run_directory(run_dir: Path, resume: bool, restart: bool = False) -> None:
-    """Refuse to overwrite an unfinished run unless resuming or restarting; resuming nothing starts afresh.
-    Only looks at which files exist: the checkpoint is read once the run holds the lock."""
+def check_run_directory(run_dir: Path, config: RunConfig, resume: bool, restart: bool = False) -> None:
+    """Refuse to overwrite an unfinished run unless resuming or restarting, and any run of another ``config``
+    (one seed's) unless restarting; resuming nothing starts afresh. The checkpoint is read, and compared with
+    the config, once the run holds the lock."""
     if restart:
         return
     checkpoint, complete = CheckpointStore(run_dir), is_complete(run_dir)
     if not complete:
         checkpoint.refuse_legacy()
+    if not (resume and checkpoint.exists()):
+        _refuse_other_config(run_dir, config)
     if checkpoint.exists() and not complete and not resume:
         raise PilotError(
             f"'{run_dir}' holds the checkpoint of an unfinished run. Continue it with --resume, start it over "
@@ -68,6 +72,29 @@ def check_run_directory(run_dir: Path, resume: bool, restart: bool = False) -> N
         )
     if resume and not checkpoint.exists():
         warnings.warn(f"--resume: no checkpoint in '{run_dir}', starting that run from the first task.", stacklevel=2)
+
+
+def _refuse_other_config(run_dir: Path, config: RunConfig) -> None:
+    """The directory's name leaves most keys out: a run recorded there with other values (but for those
+    that change nothing computed) is another computation, which this one must not overwrite."""
+    recorded = _recorded_config(run_dir)
+    if recorded is None:
+        return
+    current = json.loads(json.dumps(config.to_flat_dict()))  # as results.json holds it: lists, not tuples
+    changed = sorted(k for k in (set(current) | set(recorded)) - RESUME_FREE_KEYS if current.get(k) != recorded.get(k))
+    if changed:
+        details = "; ".join(f"{k}: recorded {recorded.get(k)!r}, now {current.get(k)!r}" for k in changed)
+        raise PilotError(f"'{run_dir}' holds a run of another config ({details}), which this run would overwrite. "
+                         f"Discard it with --restart, or set another \"prefix\".")
+
+
+def _recorded_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config in the directory's results.json; None where there is none to read."""
+    try:
+        config = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def evaluate_seen_tasks(learner: Learner, stream: TaskStream, step: int) -> Evaluation:
@@ -231,9 +258,18 @@ class Run:
             log.info(f"task {task.index + 1} {name.replace('_', ' ')}: {value}")
 
 
+# The longest file or folder name, in bytes, that common file systems (ext4, APFS, NTFS) allow.
+NAME_MAX = 255
+
+
 def check_writable(run_dir: Path) -> None:
     """Refuse, before any work, a run directory that cannot be made or written; nothing is created here,
     so a run refused later for its data leaves no folder behind."""
+    for part in run_dir.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise PilotError(f"Cannot make the run directory '{run_dir}': its part '{part[:40]}...' is "
+                             f"{len(os.fsencode(part))} bytes long, more than the {NAME_MAX} a file system allows "
+                             f"in one name. Shorten \"prefix\" (or log_dir).")
     existing = run_dir
     while not existing.exists():
         existing = existing.parent
@@ -248,9 +284,10 @@ def run_experiment(config: RunConfig, resume: bool = False, restart: bool = Fals
     before any run starts; ``restart`` discards what earlier runs left there."""
     if resume and restart:
         raise PilotError("--resume continues a run and --restart discards it: choose one.")
-    for run_dir in (run_directory(config.experiment, seed) for seed in config.experiment.seed):
+    for seed in config.experiment.seed:
+        run_dir = run_directory(config.experiment, seed)
         check_writable(run_dir)
-        check_run_directory(run_dir, resume, restart)
+        check_run_directory(run_dir, config.for_seed(seed), resume, restart)
     results = []
     for seed in config.experiment.seed:
         run = Run(config.for_seed(seed), resume=resume, restart=restart)

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from pilot.assembly import assemble
 from pilot.checkpoints import RESUME_FREE_KEYS, CheckpointStore
 from pilot.configure import build_config
+from pilot.data.names import same_form
 from pilot.engine import evaluate_seen_tasks
 from pilot.errors import PilotError
 from pilot.metrics import AccuracyMatrix
@@ -67,7 +68,9 @@ def _read(checkpoint: CheckpointStore) -> dict[str, Any]:
 
 
 def _require_same_classes(trained: list[str], found: list[str], dataset: str) -> None:
-    if list(trained) != list(found):
+    """Compared in NFC: a copy made on macOS names its folders in NFD, and a checkpoint may hold either."""
+    trained, found = [same_form(name) for name in trained], [same_form(name) for name in found]
+    if trained != found:
         missing = [name for name in trained if name not in found][:5]
         extra = [name for name in found if name not in trained][:5]
         raise PilotError(

@@ -36,6 +36,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: give what open() would, as run.log gets
         os.replace(tmp, path)
     except OSError as err:
         raise WriteFailed(f"Could not write '{path}' ({os.strerror(err.errno) if err.errno else err}); its previous "
@@ -44,6 +45,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def require_folder(path: str, key: str) -> None:
+    """The config key ``key``'s folder ``path`` (made when first written) is one, or can become one: a file
+    in its place would fail only after the work whose results it should keep."""
+    blocker = next((p for p in (Path(path), *Path(path).parents) if p.exists()), None) if path else None
+    if blocker is not None and not blocker.is_dir():
+        raise PilotError(f"{key} '{path}' cannot be a folder: '{blocker}' is a file. Set {key} to a folder "
+                         f"(created if missing), or move the file away.")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

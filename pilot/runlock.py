@@ -41,7 +41,19 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)  # while still holding it, so no one locks a file about to vanish
+        _release(path, fd)
+
+
+def _release(path: Path, fd: int) -> None:
+    """Remove the lock file while still holding it (so no one locks a file about to vanish), then let go.
+    Never raises: it runs while the block's own error (e.g. a folder made read-only) is on its way out.
+    A file that cannot be removed is emptied where it can be, so the next run takes it over silently."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+    with contextlib.suppress(OSError):
         os.close(fd)
 
 

@@ -5,9 +5,13 @@ lists, tuples, strings, numbers, ``None``, tensors and NumPy arrays. ``save_stat
 tensors (arrays too) as safetensors and the rest of the tree as JSON in the safetensors header, one
 file written atomically; ``load_state`` rebuilds the same tree. No pickle is involved, so a crafted
 file can at worst fail to load. Floats survive exactly (JSON keeps ``repr``), NaN and infinities too.
+
+A sha256 digest of the kind, the JSON tree and every tensor (name, dtype, shape, bytes) goes in the header
+too, and loading checks it: a bit flipped on disk or a value edited by hand is refused, not used.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -31,9 +35,9 @@ class UnreadableState(PilotError):
 def save_state(path: Path, state: Any, kind: str) -> None:
     """Write ``state`` to ``path`` atomically; ``kind`` (e.g. "pilot-checkpoint/2") is checked on load."""
     tensors: dict[str, torch.Tensor] = {}
-    tree = _encode(state, tensors, set())
-    payload = safetensors_bytes(tensors, metadata={"kind": kind, "tree": json.dumps(tree, allow_nan=False)})
-    atomic_write_bytes(path, payload)
+    tree = json.dumps(_encode(state, tensors, set()), allow_nan=False)
+    metadata = {"kind": kind, "tree": tree, "digest": _digest(kind, tree, tensors)}
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 
 def load_state(path: Path, kind: str) -> Any:
@@ -47,10 +51,29 @@ def load_state(path: Path, kind: str) -> Any:
                 what = f"a pilot file of kind '{found}'" if found else "not a pilot state file"
                 raise UnreadableState(f"'{path}' is {what}, expected '{kind}'.")
             tensors = {name: file.get_tensor(name) for name in file.keys()}
+        _verify(path, metadata, tensors)
         return _decode(json.loads(metadata["tree"]), tensors)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
         raise UnreadableState(f"'{path}' cannot be read ({type(err).__name__}: {err}): it is truncated, "
                               f"damaged or not a pilot state file.") from None
+
+
+def _digest(kind: str, tree: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of everything the file holds; the layout, hashed first, fixes where each tensor's bytes end."""
+    names = sorted(tensors)
+    layout = [kind, tree, [[name, str(tensors[name].dtype), list(tensors[name].shape)] for name in names]]
+    digest = hashlib.sha256(json.dumps(layout).encode())
+    for name in names:
+        digest.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy())
+    return "sha256:" + digest.hexdigest()
+
+
+def _verify(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+    if "digest" not in metadata:
+        raise UnreadableState(f"'{path}' has no digest of its contents: an earlier pilot version wrote it.")
+    if metadata["digest"] != _digest(metadata["kind"], metadata["tree"], tensors):
+        raise UnreadableState(f"'{path}' was damaged or edited after pilot wrote it: its contents no longer match "
+                              f"the digest written with them.")
 
 
 def _encode(value: Any, tensors: dict[str, torch.Tensor], storages: set) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -38,18 +39,59 @@ def find_runs(paths: list[str]) -> list[Path]:
     for path in map(Path, paths):
         if (path / "results.json").is_file():
             found.append(path)
-        elif (path / "sweep.json").is_file():
-            found += [Path(d) for d in json.loads((path / "sweep.json").read_text())["run_dirs"]
-                      if (Path(d) / "results.json").is_file()]
+            continue
+        swept = _sweep_runs(path / "sweep.json") if (path / "sweep.json").is_file() else None
+        if swept is not None:
+            found += [d for d in swept if (d / "results.json").is_file()]
         elif path.is_dir():
             found += sorted(p.parent for p in path.rglob("results.json"))
     return list(dict.fromkeys(found))
 
 
+def _sweep_runs(path: Path) -> Optional[list[Path]]:
+    """The run directories a sweep.json lists; None (with a warning: the folder is searched instead) where
+    it is damaged."""
+    try:
+        return [Path(d) for d in json.loads(path.read_text(encoding="utf-8"))["run_dirs"]]
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
+        warnings.warn(f"'{path}' cannot be read ({type(err).__name__}: {err}): searching its folder for "
+                      f"results.json instead.", stacklevel=3)
+        return None
+
+
 def load_runs(paths: list[str]) -> tuple[list[Path], list[dict]]:
-    """The run directories under ``paths`` and their results.json contents."""
-    run_dirs = find_runs(paths)
-    return run_dirs, [json.loads((d / "results.json").read_text()) for d in run_dirs]
+    """The run directories under ``paths`` and their results.json contents; a results.json that cannot be
+    summarized is skipped with a warning naming it."""
+    loaded = [(d, read_results(d / "results.json")) for d in find_runs(paths)]
+    usable = [(d, results) for d, results in loaded if results is not None]
+    return [d for d, _ in usable], [results for _, results in usable]
+
+
+# What summarize and the run table read: every record pilot writes has them (failed runs' too).
+NEEDED = ("status", "seed", "config", "accuracy_curve", "average_incremental_accuracy", "last_accuracy",
+          "forgetting", "timings", "peak_memory")
+NEEDED_CONFIG = ("model_name", "dataset", "init_cls", "increment", "backbone_type")
+
+
+def read_results(path: Path) -> Optional[dict]:
+    """The record in ``path``, or None (with a warning) where it is truncated (a full disk, a copy cut
+    short), not a run's record, or lacks what a table needs: one bad file must not hide the others."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return _skip(path, f"it cannot be read as JSON ({err})")
+    if not isinstance(results, dict):
+        return _skip(path, f"it holds a JSON {type(results).__name__}, not a run's record")
+    config = results.get("config")
+    missing = [key for key in NEEDED if key not in results]
+    missing += [f"config.{key}" for key in NEEDED_CONFIG if not isinstance(config, dict) or key not in config]
+    if missing:
+        return _skip(path, f"it lacks {', '.join(missing)}")
+    return results
+
+
+def _skip(path: Path, reason: str) -> None:
+    warnings.warn(f"skipping '{path}': {reason}.", stacklevel=3)
 
 
 def protocol(config: dict) -> str:
@@ -131,6 +173,11 @@ def latex(rows: list[dict]) -> str:
     return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
 
 
+def _number(value: Optional[float]) -> str:
+    """Two decimals; "-" where a run has no value (forgetting after one task, any metric before the first)."""
+    return "-" if value is None else f"{value:.2f}"
+
+
 def run_table(runs: list[dict]) -> str:
     """One row per run: its curve and metrics, train and eval seconds, peak host memory."""
     lines = ["| learner | setting | seed | accuracy after each task (%) | Ā | last | forgetting | train s | eval s "
@@ -138,9 +185,8 @@ def run_table(runs: list[dict]) -> str:
     for results in runs:
         config, timings = results["config"], results["timings"]
         curve = ", ".join(f"{a:.1f}" for a in results["accuracy_curve"])
-        forgetting = results["forgetting"]
         lines.append(f"| {config['model_name']} | {config.get('prefix', '').strip()} | {results['seed']} | {curve} | "
-                     f"{results['average_incremental_accuracy']:.2f} | {results['last_accuracy']:.2f} | "
-                     f"{'-' if forgetting is None else f'{forgetting:.2f}'} | {timings['train_seconds']:.0f} | "
+                     f"{_number(results['average_incremental_accuracy'])} | {_number(results['last_accuracy'])} | "
+                     f"{_number(results['forgetting'])} | {timings['train_seconds']:.0f} | "
                      f"{timings['eval_seconds']:.0f} | {results['peak_memory']['host_rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"

@@ -145,20 +145,20 @@ def edit_header(path: Path, old: str, new: str) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("old, new, needles", [
-    ('"completed_tasks": 1', '"completed_tasks": 3', ("completed",)),
-    ('"completed_tasks": 1', '"completed_tasks": 9', ("completed",)),
-    ('"init_cls": 4', '"init_cls": 6', ("the config differs from the checkpoint's", "init_cls: checkpoint 6, now 4")),
-    ('"learner": ', '"learnex": ', ("does not fit this run's simplecil",)),
+@pytest.mark.parametrize("old, new", [
+    ('"completed_tasks": 1', '"completed_tasks": 3'),
+    ('"completed_tasks": 1', '"completed_tasks": 9'),
+    ('"init_cls": 4', '"init_cls": 6'),
+    ('"learner": ', '"learnex": '),
 ], ids=["completed 3 of 4", "completed 9 of 4", "config", "learner state"])
-def test_a_hand_edited_checkpoint_header_is_a_clear_error_offering_restart(tmp_path, capsys, monkeypatch, old, new,
-                                                                           needles):
+def test_a_hand_edited_checkpoint_header_is_a_clear_error_offering_restart(tmp_path, capsys, monkeypatch, old, new):
     raw, path = checkpoint_of_first_task(tmp_path, monkeypatch)
     edit_header(path, old, new)
-    expect_clear_error(tmp_path, capsys, raw, *needles, "--restart", args=("--resume",))
-    if needles == ("completed",):  # pilot evaluate reads the same checkpoint: the same clear error
-        assert main(["evaluate", str(path.parent)]) == 2
-        assert "says it completed" in capsys.readouterr().err
+    needles = (f"'{path}' was damaged or edited", "--restart")  # the file's digest no longer matches
+    expect_clear_error(tmp_path, capsys, raw, *needles, args=("--resume",))
+    assert main(["evaluate", str(path.parent)]) == 2  # pilot evaluate reads the same checkpoint: the same error
+    err = capsys.readouterr().err
+    assert all(needle in err for needle in needles), err
     assert cli(tmp_path, raw, "--restart") == 0
 
 

@@ -62,11 +62,18 @@ def replace_image(root):
     write_image(root / "train" / "dog" / "0.png", 0, seed=7)
 
 
+def add_class(root):
+    for part in ("train", "test"):
+        (root / part / "emu").mkdir()
+        write_image(root / part / "emu" / "0.png", 5, seed=5)
+
+
 @pytest.mark.parametrize("change, named", [
     (add_image, "1 file added to 'dog' (train)"),
     (delete_image, "1 file removed from 'cat' (test)"),
     (rename_class, "class 'cat' was renamed 'kitty'"),
     (replace_image, "1 file changed in 'dog' (train)"),
+    (add_class, "class 'emu' was added"),  # not "another pilot version or edited": the real cause
 ])
 def test_resume_on_data_changed_under_a_learnt_task_is_refused_naming_the_change(tmp_path, change, named):
     root = write_folder(tmp_path / "data")

@@ -4,6 +4,7 @@ import torch
 
 from pilot.configure import build_config
 from pilot.engine import CHECKPOINT, CHECKPOINT_KIND, Run, run_experiment
+from pilot.errors import PilotError
 from pilot.learners.slca import CA_SAMPLES_PER_CLASS
 from pilot.modules.gaussians import COVARIANCE_RIDGE
 from pilot.modules.heads import normalise_logits
@@ -130,9 +131,9 @@ def test_late_milestones_warn_and_single_image_classes_are_clear_errors(tmp_path
     with pytest.warns(UserWarning, match=r"milestones \[1\] are at or past the last epoch \(1 epochs\): the "
                                          r"learning rate does not decay there"):
         slca_config(tmp_path, milestones=[1])  # as PILOT runs it: MultiStepLR never reaches epoch 1
-    run = slca_run(tmp_path, train_per_class=1)
-    with pytest.raises(Exception, match="at least 2 training images per class"):
-        run.learner.fit(run.stream.tasks[0])
+    with pytest.raises(PilotError, match=r"have fewer than 2 training images, and slca estimates each class's "
+                                         r"covariance from them"):  # at load, before anything is written
+        slca_run(tmp_path, train_per_class=1)
 
 
 @requires_assets

@@ -61,3 +61,22 @@ def test_a_missing_or_foreign_file_is_named(tmp_path):
     save_file({"w": torch.ones(2)}, str(tmp_path / "model.safetensors"))  # safetensors, but no pilot state
     with pytest.raises(UnreadableState, match="model.safetensors' is not a pilot state file"):
         load_state(tmp_path / "model.safetensors", "test/1")
+
+
+def test_a_flipped_byte_or_an_edited_tree_is_refused_as_damaged_or_edited(tmp_path):
+    path = tmp_path / "s.safetensors"
+    save_state(path, {"w": torch.arange(8.0), "n": 12345}, "test/1")
+    intact = path.read_bytes()
+    for old, new in ((intact[-1:], bytes([intact[-1] ^ 1])), (b"12345", b"12346")):
+        at = intact.rindex(old)
+        path.write_bytes(intact[:at] + new + intact[at + len(old):])
+        with pytest.raises(UnreadableState, match="s.safetensors' was damaged or edited after pilot wrote it"):
+            load_state(path, "test/1")
+
+
+def test_a_file_without_a_digest_is_refused_as_of_an_earlier_version(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"0": torch.ones(2)}, str(tmp_path / "old.safetensors"), metadata={"kind": "test/1", "tree": "{}"})
+    with pytest.raises(UnreadableState, match="old.safetensors' has no digest .* an earlier pilot version wrote it"):
+        load_state(tmp_path / "old.safetensors", "test/1")

@@ -30,6 +30,30 @@ def check_classes(labels: np.ndarray, num_classes: int, class_names: Sequence[st
         )
 
 
+def check_train_counts(stream, minimum: int, learner: str) -> None:
+    """Each class of ``stream`` (a ``TaskStream``) has ``minimum`` training images in every task that trains
+    it: a learner that estimates a covariance per class gets NaN (or a crash) from one image."""
+    if minimum <= 1:
+        return
+    folders = stream.dataset.class_folders or stream.dataset.class_names  # the names a user finds on disk
+    names = [folders[c] for c in stream.order[: stream.num_classes]]
+    short: dict[int, int] = {}  # label -> its fewest training images in a task
+    for task in stream.tasks:
+        counts = np.bincount(task.train.labels, minlength=stream.num_classes)
+        for label in task.classes:
+            if counts[label] < minimum:
+                short[label] = min(int(counts[label]), short.get(label, minimum))
+    if short:
+        listed = [f"'{names[label]}' ({count} image{'' if count == 1 else 's'})"
+                  for label, count in sorted(short.items())]
+        raise PilotError(
+            f"{_listed(listed, 'class', 'classes')} {'has' if len(short) == 1 else 'have'} fewer than {minimum} "
+            f"training images, and {learner} estimates each class's covariance from them: add images to "
+            f"{'its' if len(short) == 1 else 'their'} train folder, raise train_per_class, or remove the class from "
+            f"both train/ and test/."
+        )
+
+
 def check_files(paths: Sequence[str]) -> None:
     """Each image file's header identifies an image (cheap: no pixels are decoded here; a file that
     fails later, in a loader, raises the same ``UnreadableImage``)."""

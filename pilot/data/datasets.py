@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from pilot.data.manifest import Manifest, file_manifest, memory_manifest
-from pilot.data.names import apply_class_names, folder_class_name, readable_name
+from pilot.data.names import apply_class_names, folder_class_name, readable_name, same_form
 from pilot.digests import files_sha256
 from pilot.errors import PilotError
 
@@ -235,8 +235,9 @@ def load_folder(data_path: str, name: str, parts: tuple[str, ...] = ("train", "t
             f"dataset table) and set data_path to the folder that holds "
             f"'{FOLDER_DATASETS[name] or ' and '.join(f'{p}/' for p in parts)}'."
         )
-    present = {part: sorted(p.name for p in dirs[part].iterdir() if p.is_dir()) if dirs[part].is_dir() else []
-               for part in ("train", "test")}
+    # sorted as NFC: a copy from macOS (NFD) keeps the class order
+    present = {part: sorted((p.name for p in dirs[part].iterdir() if p.is_dir()), key=same_form)
+               if dirs[part].is_dir() else [] for part in ("train", "test")}
     folders = present["train" if "train" in parts else "test"]
     if not folders:
         raise PilotError(f"'{dirs[parts[0]]}' has no class sub-folders: expected <class>/<image> inside it.")

@@ -15,7 +15,7 @@ import numpy as np
 
 from pilot.data.datasets import IMAGE_SUFFIXES, ImageSet, SourceDataset
 from pilot.data.manifest import file_manifest, memory_manifest
-from pilot.data.names import folder_class_name
+from pilot.data.names import folder_class_name, same_form
 from pilot.errors import PilotError
 
 PARTS = ("train", "test")
@@ -66,7 +66,7 @@ def _image_set(per_domain: list[tuple[list[str], list[int]]]) -> ImageSet:
 # ------------------------------------------------------------------------ domain_folder layout
 
 def _subfolders(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted((p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=same_form)
 
 
 def _image_files(folder: Path) -> list[str]:
@@ -101,7 +101,8 @@ def load_domain_folder(data_path: str, parts: tuple[str, ...] = PARTS) -> Source
     The ``parts`` named must be there and are checked; another part is read when present, unchecked."""
     root = Path(data_path).expanduser()
     domains = _domain_folders(root, parts)
-    class_folders = sorted({name for domain in domains for part in parts for name in _subfolders(root / domain / part)})
+    class_folders = sorted({name for domain in domains for part in parts for name in _subfolders(root / domain / part)},
+                           key=same_form)
     if not class_folders:
         raise PilotError(f"The domain folders under '{root}' have no class sub-folders: expected "
                          f"<domain>/{parts[0]}/<class>/<image>.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import unicodedata
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -19,6 +20,12 @@ WORDNET_ID = re.compile(r"n\d{8}")
 # The 1000 ImageNet-1k synsets' English names: each synset's first WordNet lemma (from timm's
 # imagenet_synset_to_lemma.txt), "crane bird"/"construction crane"/"tank suit" where two shared one.
 IMAGENET_NAMES_FILE = "imagenet_class_names.json"
+
+
+def same_form(name: str) -> str:
+    """``name`` in Unicode NFC: a folder copied from macOS spells "é" as "e" + an accent (NFD), which
+    must still name the same class."""
+    return unicodedata.normalize("NFC", name)
 
 
 def readable_name(name: str) -> str:
@@ -37,7 +44,7 @@ def folder_class_name(folder: str) -> str:
     otherwise the folder name with underscores as spaces."""
     if WORDNET_ID.fullmatch(folder):
         return imagenet_names().get(folder, folder)
-    return readable_name(folder)
+    return readable_name(same_form(folder))
 
 
 # ------------------------------------------------------------------------ the class_names key
@@ -56,7 +63,7 @@ def apply_class_names(dataset: SourceDataset, class_names: Union[list[str], str]
     else:
         names, source = class_names, "class_names"
     _check_names(names, dataset, source)
-    return dataclasses.replace(dataset, class_names=list(names))
+    return dataclasses.replace(dataset, class_names=[same_form(name) for name in names])
 
 
 def _read_names_file(path: Path) -> Any:
@@ -78,7 +85,7 @@ def _check_names(names: Any, dataset: SourceDataset, source: str) -> None:
         raise PilotError(f"{source} lists {len(names)} names but {dataset.name} has {dataset.num_classes} classes. "
                          f"{HOW_TO_FIX}")
     first = {}
-    for index, name in enumerate(names):
+    for index, name in enumerate(map(same_form, names)):
         if name in first:
             raise PilotError(f"{source} names '{name}' twice (entries {first[name]} and {index}): each class needs "
                              f"its own name. {HOW_TO_FIX}")

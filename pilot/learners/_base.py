@@ -54,6 +54,8 @@ class Learner:
     domain_refusal: ClassVar[str] = "its classifier grows with each task's new classes, which a domain stream does not bring"
     # True for a method that replays exemplars from the rehearsal memory (``ctx.memory``, filled after each task).
     uses_memory: ClassVar[bool] = False
+    # Training images each class needs in a task (2 for a per-class covariance); checked when the data is loaded.
+    min_train_per_class: ClassVar[int] = 1
 
     def __init__(self, config: LearnerConfig, ctx: RunContext):
         self.config = config

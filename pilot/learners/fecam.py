@@ -36,6 +36,7 @@ class FeCAMConfig(AdaptationConfig):
 @register_learner("fecam")
 class FeCAM(FirstTaskAdaptationLearner):
     config_class = FeCAMConfig
+    min_train_per_class = 2  # each class's covariance
 
     def __init__(self, config: FeCAMConfig, ctx):
         super().__init__(config, ctx)

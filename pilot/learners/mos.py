@@ -71,6 +71,7 @@ class MOSConfig(TrainConfig):
 @register_learner("mos")
 class MOS(GradientLearner):
     config_class = MOSConfig
+    min_train_per_class = 2  # each class's Gaussian (or k-means clusters with spread)
 
     def __init__(self, config: MOSConfig, ctx):
         super().__init__(config, ctx)

@@ -55,6 +55,7 @@ class SLCAConfig(TrainConfig):
 @register_learner("slca")
 class SLCA(GradientLearner):
     config_class = SLCAConfig
+    min_train_per_class = 2  # each class's Gaussian (also CoFiMA's)
     official_variant = "slca"  # ColorJitter, bicubic crops, CIFAR-100 mean/std (also CoFiMA's)
 
     def __init__(self, config: SLCAConfig, ctx):
