@@ -65,11 +65,12 @@ def make_memory(exp: ExperimentConfig, learner_cls: type, stream: TaskStream) ->
     """The rehearsal memory of a learner that replays exemplars, its budget checked against the stream."""
     if not learner_cls.uses_memory:
         return None
-    if not (exp.memory_size or exp.memory_per_class):
+    memory = RehearsalMemory.from_config(exp, stream.sizes)
+    if not memory.enabled:
         raise PilotError(f"{exp.model_name} replays exemplars, but memory_size and memory_per_class are 0: set "
                          f"memory_size (a total shared by the classes seen; PILOT's CIFAR configs use 2000) or "
                          f"memory_per_class with fixed_memory true.")
-    return RehearsalMemory.from_config(exp, stream.sizes)
+    return memory
 
 
 def build_backbone(exp: ExperimentConfig, seed: int, spec: Optional[str] = None) -> Backbone | BackboneSet:

@@ -31,7 +31,7 @@ from pilot.distributed import is_main, launched, rank_and_size
 from pilot.errors import PilotError
 from pilot.learners._base import Learner, require_finite
 from pilot.metrics import AccuracyMatrix, Evaluation
-from pilot.outputs import close_log, open_log, remove_temporaries
+from pilot.outputs import close_log, open_log, remove_temporaries, require_folder
 from pilot.results import ResultsWriter, failure, is_complete
 from pilot.runlock import run_lock
 from pilot.tracking import Trackers
@@ -213,9 +213,10 @@ class Run:
         evaluated = time.perf_counter()
         self.matrix.add_step(evaluation.correct, evaluation.total)
         self.task_matrix.add_step(evaluation.task_correct, evaluation.total)
-        row = self._row(task, evaluation, trained - started, evaluated - trained)
+        report = self.learner.evaluation_report()
+        row = {**self._row(task, evaluation, trained - started, evaluated - trained), **report}
         self.rows.append(row)
-        self._log_task(task, row, log)
+        self._log_task(task, row, report, log)
         scalars.add(task.num_seen, {f"accuracy/{k}": v for k, v in row.items() if k in STEP_SCALARS})
         if is_main():
             self.checkpoints.save(self.config, self.dataset, task.index + 1, self.state_parts())
@@ -229,7 +230,7 @@ class Run:
 
     def _row(self, task, evaluation: Evaluation, train_seconds: float, eval_seconds: float) -> dict[str, Any]:
         """The task's line of metrics.csv and results.json: the scenario's accuracy (task-incremental in a "task"
-        stream) and its summary, both views' accuracy where classes arrive, timings, the memory, the learner's report."""
+        stream) and its summary, both views' accuracy where classes arrive, timings, the memory."""
         scenario = self.stream.scenario
         headline = self.task_matrix if scenario == "task" else self.matrix
         row = {"task": task.index, "classes_seen": task.num_seen, **({"domain": task.domain} if task.domain else {}),
@@ -241,9 +242,9 @@ class Run:
                    per_class_accuracy=evaluation.per_class_accuracy(self.stream.class_names))
         if self.ctx.memory is not None:
             row["memory"] = self.ctx.memory.summary()
-        return {**row, **self.learner.evaluation_report()}
+        return row
 
-    def _log_task(self, task, row: dict, log) -> None:
+    def _log_task(self, task, row: dict, report: dict, log) -> None:
         old = "-" if task.index == 0 else f"{row['old_accuracy']:.2f}"
         what = f"domain {task.domain}" if task.domain else f"classes {task.num_seen}"
         task_il = f", task-IL {row['task_il_accuracy']:.2f}" if "task_il_accuracy" in row else ""
@@ -254,7 +255,7 @@ class Run:
         if "memory" in row:
             log.info(f"task {task.index + 1} memory: {row['memory']['total']} exemplars, {row['memory']['per_class']} "
                      f"per class")
-        for name, value in self.learner.evaluation_report().items():
+        for name, value in report.items():
             log.info(f"task {task.index + 1} {name.replace('_', ' ')}: {value}")
 
 
@@ -270,13 +271,7 @@ def check_writable(run_dir: Path) -> None:
             raise PilotError(f"Cannot make the run directory '{run_dir}': its part '{part[:40]}...' is "
                              f"{len(os.fsencode(part))} bytes long, more than the {NAME_MAX} a file system allows "
                              f"in one name. Shorten \"prefix\" (or log_dir).")
-    existing = run_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        why = "cannot be written (permission denied)" if existing.is_dir() else "is a file, not a folder"
-        raise PilotError(f"Cannot write the run's outputs to '{run_dir}': '{existing}' {why}. Set log_dir to a "
-                         f"folder you can write to.")
+    require_folder(run_dir, "log_dir")
 
 
 def run_experiment(config: RunConfig, resume: bool = False, restart: bool = False) -> list[dict[str, Any]]:

@@ -54,13 +54,17 @@ def current_umask() -> int:
     return mask
 
 
-def require_folder(path: str, key: str) -> None:
-    """The config key ``key``'s folder ``path`` (made when first written) is one, or can become one: a file
-    in its place would fail only after the work whose results it should keep."""
-    blocker = next((p for p in (Path(path), *Path(path).parents) if p.exists()), None) if path else None
-    if blocker is not None and not blocker.is_dir():
-        raise PilotError(f"{key} '{path}' cannot be a folder: '{blocker}' is a file. Set {key} to a folder "
-                         f"(created if missing), or move the file away.")
+def require_folder(path: str | Path, key: str) -> None:
+    """``path`` (the folder of config key ``key``, made when first written) is one, or can become one, and can
+    be written: checked before any work, since a file in its place would fail only after the work whose
+    results it should keep. Nothing is created here."""
+    if not path:
+        return
+    existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "cannot be written (permission denied)" if existing.is_dir() else "is a file, not a folder"
+        raise PilotError(f"Cannot write to '{path}' ({key}): '{existing}' {why}. Set {key} to a folder you can "
+                         f"write to (created if missing).")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
