@@ -65,3 +65,21 @@ def test_random_selection_is_recorded_and_resumable(tmp_path):
         lambda folder: build_config(tiny_raw(tmp_path / folder, **REPLAY, memory_selection="random")))
     state = json.loads(next((tmp_path / "full" / "logs").rglob("results.json")).read_text())
     assert state["config"]["memory_selection"] == "random" and full["memory"] == resumed["memory"]
+
+
+def test_replay_loss_is_cross_entropy_over_every_seen_class_as_pycils_replay(tmp_path):
+    """PyCIL's replay: loss = F.cross_entropy(logits, targets) on the task's and the memory's images, old
+    classes' logits included (finetune masks them to the current task's)."""
+    import torch
+    import torch.nn.functional as F
+
+    replay = Run(build_config(tiny_raw(tmp_path / "r", **REPLAY)))
+    finetune = Run(build_config(tiny_raw(tmp_path / "f", **{**REPLAY, "model_name": "finetune", "memory_size": 0})))
+    task = replay.stream.tasks[1]  # classes 4, 5 after 0..3
+    logits, labels = torch.randn(6, 6, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 4, 5, 2, 4])
+    torch.testing.assert_close(replay.learner.training_loss(logits, labels, task), F.cross_entropy(logits, labels))
+    masked = logits.clone()
+    masked[:, :4] = -float("inf")
+    current = labels >= 4  # the masked loss is defined on the task's own labels
+    torch.testing.assert_close(finetune.learner.training_loss(logits[current], labels[current], task),
+                               F.cross_entropy(masked[current], labels[current]))
