@@ -5,10 +5,15 @@ process dies, however it dies: a lock file that nobody holds is what a killed ru
 the next run takes it over (with a warning naming the dead holder). The file's text says who holds
 a live lock, so the refusal can say which process to wait for. Where ``fcntl`` is missing (Windows),
 a lock whose holder ran on this host under a PID that no longer runs is taken over instead.
+
+A run that a sweep started on a Ray worker records the sweep's driver as its owner: a worker whose
+driver was killed stops itself (``pilot.sweep``), and the re-run of the sweep waits for it
+(``wait_for_orphan``) instead of failing that run as locked.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import socket
@@ -26,6 +31,7 @@ except ImportError:
 from pilot.errors import PilotError
 
 LOCK_NAME = ".pilot.lock"
+_OWNER: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("pilot_run_owner", default=None)
 
 
 class RunLocked(PilotError):
@@ -42,6 +48,47 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         _release(path, fd)
+
+
+@contextlib.contextmanager
+def owned_by(owner: dict) -> Iterator[None]:
+    """Locks taken in the block name ``owner`` (``{"host", "pid"}`` of a sweep's driver) as their owner."""
+    token = _OWNER.set(owner)
+    try:
+        yield
+    finally:
+        _OWNER.reset(token)
+
+
+def wait_for_orphan(run_dir: Path, timeout: float = 120.0) -> None:
+    """Wait until a run left by a killed sweep (its owner dead on this host) lets go of ``run_dir``.
+    Such a run is stopping itself; a live owner, or a lock without one, is not waited for."""
+    path = Path(run_dir) / LOCK_NAME
+    holder = _holder(path)
+    owner = (holder or {}).get("owner")
+    if fcntl is None or not isinstance(owner, dict) or alive_here(owner):
+        return
+    deadline = time.monotonic() + timeout
+    while _is_held(path):
+        if time.monotonic() > deadline:
+            raise RunLocked(f"'{path.parent}' is still held by {_describe(holder)}, a run left by a sweep that was "
+                            f"killed (its driver, pid {owner.get('pid')}, is gone): stop that process "
+                            f"(kill {holder.get('pid')}) and re-run the sweep.")
+        time.sleep(0.05)
+
+
+def _is_held(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a shared lock taken just to look
 
 
 def _release(path: Path, fd: int) -> None:
@@ -87,7 +134,7 @@ def _lock_or_refuse(fd: int, path: Path) -> None:
             return
         except BlockingIOError:
             pass
-    elif not holder or not _alive_here(holder):
+    elif not holder or not alive_here(holder):
         return
     raise RunLocked(f"'{path.parent}' is in use by {_describe(holder) if holder else 'another process'}. Two "
                     f"processes would overwrite each other's checkpoints and results: wait for it to finish or stop "
@@ -95,7 +142,8 @@ def _lock_or_refuse(fd: int, path: Path) -> None:
 
 
 def _me() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {**me, "owner": _OWNER.get()} if _OWNER.get() else me
 
 
 def _holder(path: Path) -> Optional[dict]:
@@ -110,8 +158,8 @@ def _describe(holder: dict) -> str:
     return f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
 
 
-def _alive_here(holder: dict) -> bool:
-    """Whether the holder may still run: on another host we cannot tell, so it may."""
+def alive_here(holder: dict) -> bool:
+    """Whether a process (``{"host", "pid"}``) may still run: on another host we cannot tell, so it may."""
     if holder.get("host") != socket.gethostname():
         return True
     try:

@@ -4,15 +4,20 @@ A sweep is a list of ordinary runs, each in its usual run directory (the grid po
 run's ``prefix``, so no two runs share a directory). Its state is the state of those directories:
 a complete results.json is a finished run (skipped), a checkpoint an unfinished one (resumed); the
 sweep's own record, ``<log_dir>/sweeps/<name>/sweep.json``, keeps each run's status, timings and,
-for failed runs, the error (retried only with ``retry_failed``). Every run of a sweep shares one
+for failed runs, the error (retried only with ``retry_failed``). Runs on Ray workers of this host die
+with the driver: a killed sweep leaves no run executing, and its re-run resumes them. Every run of a sweep shares one
 on-disk feature cache, so frozen features are encoded once for all seeds and grid points.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import os
+import signal
+import socket
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -26,6 +31,7 @@ from pilot.engine import run_directory
 from pilot.errors import PilotError
 from pilot.outputs import write_json
 from pilot.results import is_complete
+from pilot.runlock import alive_here, owned_by, wait_for_orphan
 
 
 @dataclass(frozen=True)
@@ -148,7 +154,8 @@ def _json_or_text(text: str) -> Any:
 # --- running ---------------------------------------------------------------------------------------
 
 
-def run_one(config_path: str, overrides: dict[str, Any], resume: bool, cwd: str, threads: int) -> dict[str, Any]:
+def run_one(config_path: str, overrides: dict[str, Any], resume: bool, cwd: str, threads: int,
+            driver: dict) -> dict[str, Any]:
     """One run in this process (a Ray worker or the driver), started as ``pilot`` starts one (its run
     directory checked first): the record that sweep.json keeps."""
     import torch
@@ -160,13 +167,38 @@ def run_one(config_path: str, overrides: dict[str, Any], resume: bool, cwd: str,
     torch.set_num_threads(max(1, threads))
     started = time.time()
     try:
-        (result,) = run_experiment(build_config(load_raw(config_path), overrides), resume=resume)
+        with owned_by(driver), dies_with(driver):
+            (result,) = run_experiment(build_config(load_raw(config_path), overrides), resume=resume)
     except Exception as err:  # a failed run is recorded, the sweep goes on
         return {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
                 "started": started, "finished": time.time(), "host": os.uname().nodename, "pid": os.getpid()}
     return {"status": "complete", "average_incremental_accuracy": result["average_incremental_accuracy"],
             "last_accuracy": result["last_accuracy"], "encoded_images": result["timings"]["encoded_images"],
             "started": started, "finished": time.time(), "host": os.uname().nodename, "pid": os.getpid()}
+
+
+@contextlib.contextmanager
+def dies_with(driver: dict, poll_seconds: float = 0.1):
+    """In a worker on the driver's host, kill this process as soon as the driver is gone: Ray stops a dead
+    driver's tasks only after a delay, while they would go on holding their run's lock. What the run had
+    finished is in its checkpoint; the sweep's re-run resumes from it."""
+    if driver["host"] != socket.gethostname() or driver["pid"] == os.getpid():
+        yield  # another host (Ray's own cleanup applies), or the run is in the driver itself
+        return
+    finished = threading.Event()
+
+    def watch():
+        while not finished.wait(poll_seconds):
+            if not alive_here(driver):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="pilot-sweep-driver-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        thread.join()
 
 
 def load_records(sweep: Sweep) -> dict[str, dict]:
@@ -228,7 +260,9 @@ def _ray():
 
 
 def _args(sweep: Sweep, run: SweepRun, resume: bool) -> tuple:
-    return (str(run.config_path), run.overrides, resume, os.getcwd(), max(1, int(sweep.cpus_per_run)))
+    wait_for_orphan(run.run_dir)  # a run of a killed earlier sweep of this one may still be stopping
+    driver = {"host": socket.gethostname(), "pid": os.getpid()}
+    return (str(run.config_path), run.overrides, resume, os.getcwd(), max(1, int(sweep.cpus_per_run)), driver)
 
 
 def _serial_launcher(sweep: Sweep):

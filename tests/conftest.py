@@ -17,6 +17,10 @@ requires_assets = pytest.mark.skipif(
     reason=f"real assets not found at {ASSETS} (DeiT-Tiny weights and CIFAR-100 archive; see README 'Tests')",
 )
 
+# A hostile input's expected outcome, counted by tools/hostile.py: refused with a clear error, or a correct result.
+clean_error = pytest.mark.hostile("clean error")
+correct_result = pytest.mark.hostile("correct result")
+
 TINY_VIT = {"img_size": 32, "patch_size": 8, "depth": 2}
 
 

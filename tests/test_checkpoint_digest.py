@@ -9,7 +9,7 @@ from pilot.configure import build_config
 from pilot.engine import CHECKPOINT_KIND, run_experiment
 from pilot.statefile import load_state, save_state
 
-from conftest import tiny_raw
+from conftest import clean_error, correct_result, tiny_raw
 from test_hostile import checkpoint_of_first_task, edit_header
 from test_reliability import cli, expect_clear_error
 
@@ -29,6 +29,7 @@ def expect_evaluate_refuses(capsys, path: Path, *needles: str) -> None:
     assert not (path.parent / "evaluation.json").exists()
 
 
+@clean_error
 def test_a_flipped_bit_in_a_tensor_is_refused_by_resume_and_evaluate(tmp_path, capsys, monkeypatch):
     raw, path = checkpoint_of_first_task(tmp_path, monkeypatch)
     flip_a_data_byte(path)
@@ -37,6 +38,7 @@ def test_a_flipped_bit_in_a_tensor_is_refused_by_resume_and_evaluate(tmp_path, c
     expect_evaluate_refuses(capsys, path, damaged)
 
 
+@clean_error
 def test_an_edited_count_is_refused(tmp_path, capsys, monkeypatch):
     raw, path = checkpoint_of_first_task(tmp_path, monkeypatch)
     correct = load_state(path, CHECKPOINT_KIND)["metrics"]["correct"][0][0]
@@ -44,6 +46,7 @@ def test_an_edited_count_is_refused(tmp_path, capsys, monkeypatch):
     expect_clear_error(tmp_path, capsys, raw, "was damaged or edited", "--restart", args=("--resume",))
 
 
+@clean_error
 def test_an_edited_backbone_is_refused_by_evaluate(tmp_path, capsys, monkeypatch):
     _, path = checkpoint_of_first_task(tmp_path, monkeypatch)
     edit_header(path, '"depth": 2', '"depth": 1')  # a smaller model, which the learner's state would still fit
@@ -66,6 +69,7 @@ def rewrite(path: Path, edit) -> None:
      "its metrics at step 1 do not hold one count per task learnt by then"),
     (lambda s: s["rows"].append(s["rows"][0]), "it says it completed 1 tasks but holds 2 rows of results"),
 ], ids=["correct above total", "negative", "counts of a task not yet learnt", "a row too many"])
+@clean_error
 def test_impossible_counts_under_a_valid_digest_are_refused_naming_them(tmp_path, capsys, monkeypatch, edit, needle):
     raw, path = checkpoint_of_first_task(tmp_path, monkeypatch)
     rewrite(path, edit)
@@ -82,6 +86,7 @@ def test_a_consistent_checkpoint_resumes_and_evaluates_as_before(tmp_path, capsy
     assert evaluation["completed_tasks"] == 4 and evaluation["accuracy"] == evaluation["recorded_accuracy"]
 
 
+@correct_result
 def test_a_cache_file_with_a_flipped_bit_warns_and_is_computed_again(tmp_path):
     cache = tmp_path / "cache"
     (first,) = run_experiment(build_config(tiny_raw(tmp_path, feature_cache_dir=str(cache), prefix="a")))

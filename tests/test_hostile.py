@@ -21,7 +21,7 @@ from pilot.engine import CHECKPOINT, run_experiment
 from pilot.errors import PilotError
 from pilot.runlock import LOCK_NAME, run_lock
 
-from conftest import tiny_raw
+from conftest import clean_error, correct_result, tiny_raw
 from test_reliability import cli, expect_clear_error, folder_raw, interrupt_before_task, run_dir_of, write_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +53,7 @@ def probe_raw(folder: Path) -> dict:
     return tiny_raw(folder, model_name="linear_probe", tuned_epoch=2, batch_size=4, synthetic_per_class=4)
 
 
+@correct_result
 def test_sigterm_during_training_records_an_interruption_frees_the_lock_and_resumes(tmp_path):
     (uninterrupted,) = run_experiment(build_config(probe_raw(tmp_path / "full")))
     raw = probe_raw(tmp_path)
@@ -98,6 +99,7 @@ class RunsACommand:
         return os.system, (self.command,)
 
 
+@clean_error
 def test_a_cifar_pickle_naming_os_system_is_refused_as_code_not_as_a_corrupt_file(tmp_path):
     from pilot.data.datasets import load_cifar100
 
@@ -124,6 +126,7 @@ def checkpoint_of_first_task(tmp_path, monkeypatch) -> tuple[dict, Path]:
 
 
 @pytest.mark.parametrize("keep", [5, 40, -100], ids=["in the header's length", "in the header", "in the tensors"])
+@clean_error
 def test_a_truncated_checkpoint_is_a_clear_error_offering_restart(tmp_path, capsys, monkeypatch, keep):
     raw, path = checkpoint_of_first_task(tmp_path, monkeypatch)
     data = path.read_bytes()
@@ -151,6 +154,7 @@ def edit_header(path: Path, old: str, new: str) -> None:
     ('"init_cls": 4', '"init_cls": 6'),
     ('"learner": ', '"learnex": '),
 ], ids=["completed 3 of 4", "completed 9 of 4", "config", "learner state"])
+@clean_error
 def test_a_hand_edited_checkpoint_header_is_a_clear_error_offering_restart(tmp_path, capsys, monkeypatch, old, new):
     raw, path = checkpoint_of_first_task(tmp_path, monkeypatch)
     edit_header(path, old, new)
@@ -181,6 +185,7 @@ def under_a_file(tmp_path) -> Path:
 
 @pytest.mark.parametrize("log_dir, why", [(read_only_folder, "cannot be written (permission denied)"),
                                           (under_a_file, "is a file, not a folder")], ids=["read-only", "under a file"])
+@clean_error
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, log_dir,
                                                                             why):
     logs = log_dir(tmp_path)
@@ -196,6 +201,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
 # --- an increment larger than the classes left -------------------------------------------------------------
 
 
+@correct_result
 def test_an_increment_that_leaves_a_smaller_last_task_warns_once_naming_the_sizes():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -210,6 +216,7 @@ def test_an_increment_that_leaves_a_smaller_last_task_warns_once_naming_the_size
 # --- pilot evaluate on other classes ----------------------------------------------------------------------------
 
 
+@clean_error
 def test_evaluate_on_a_folder_of_other_class_names_is_refused_naming_them(tmp_path, capsys):
     root = write_folder(tmp_path / "data")
     raw = folder_raw(tmp_path, root, max_tasks=1)

@@ -12,7 +12,8 @@ from pilot.engine import Run, run_experiment
 from pilot.errors import PilotError
 from pilot.statefile import load_state, save_state
 
-from conftest import assert_resume_matches_uninterrupted, die_at_task, Killed, tiny_raw
+from conftest import (Killed, assert_resume_matches_uninterrupted, clean_error, correct_result, die_at_task,
+                      tiny_raw)
 
 CLASSES = ("ant", "bee", "cat", "dog")  # seed 1's order: dog, cat (task 1), ant (task 2), bee (task 3)
 
@@ -75,6 +76,7 @@ def add_class(root):
     (replace_image, "1 file changed in 'dog' (train)"),
     (add_class, "class 'emu' was added"),  # not "another pilot version or edited": the real cause
 ])
+@clean_error
 def test_resume_on_data_changed_under_a_learnt_task_is_refused_naming_the_change(tmp_path, change, named):
     root = write_folder(tmp_path / "data")
     raw = folder_raw(tmp_path, root)
@@ -92,6 +94,7 @@ def test_an_unchanged_dataset_resumes_to_the_uninterrupted_result(tmp_path):
     assert_resume_matches_uninterrupted(lambda folder: build_config(folder_raw(tmp_path / folder, root)))
 
 
+@correct_result
 def test_a_change_to_a_class_not_learnt_yet_resumes(tmp_path):
     root = write_folder(tmp_path / "data")
     raw = folder_raw(tmp_path, root)
@@ -102,6 +105,7 @@ def test_a_change_to_a_class_not_learnt_yet_resumes(tmp_path):
     assert resumed["counts"] == fresh["counts"]
 
 
+@clean_error
 def test_a_moved_exemplar_refuses_resume_with_a_rehearsal_memory(tmp_path):
     root = write_folder(tmp_path / "data")
     raw = folder_raw(tmp_path, root, model_name="replay", init_epoch=1, epochs=1, batch_size=8, memory_size=4,
@@ -113,6 +117,7 @@ def test_a_moved_exemplar_refuses_resume_with_a_rehearsal_memory(tmp_path):
         run_experiment(build_config(raw), resume=True)
 
 
+@correct_result
 def test_a_replaced_image_is_encoded_again_alone(tmp_path):
     root = write_folder(tmp_path / "data")
     cache = str(tmp_path / "cache")
@@ -129,6 +134,7 @@ def test_a_replaced_image_is_encoded_again_alone(tmp_path):
     assert torch.equal(run.ctx.features(task.train), encode(task.train))  # the cache holds the new image's features
 
 
+@correct_result
 def test_a_cache_file_of_another_width_is_encoded_again_with_a_warning(tmp_path):
     root = write_folder(tmp_path / "data")
     cache = tmp_path / "cache"
@@ -144,6 +150,7 @@ def test_a_cache_file_of_another_width_is_encoded_again_with_a_warning(tmp_path)
     assert second["timings"]["encoded_images"] == first["timings"]["encoded_images"]
 
 
+@clean_error
 def test_the_manifest_names_what_changed_in_a_domain_folder(tmp_path):
     from pilot.data.domains import load_domain_folder
     from pilot.data.manifest import changes

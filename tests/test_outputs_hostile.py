@@ -16,10 +16,11 @@ from pilot.evaluate import _require_same_classes
 from pilot.outputs import WriteFailed, atomic_write_text
 from pilot.runlock import LOCK_NAME, run_lock
 
-from conftest import tiny_raw
+from conftest import clean_error, correct_result, tiny_raw
 from test_reliability import cli, expect_clear_error, folder_raw, run_dir_of, write_folder
 
 
+@clean_error
 def test_a_feature_cache_path_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "cache").write_text("not a folder")
     raw = tiny_raw(tmp_path, feature_cache_dir=str(tmp_path / "cache" / "features"))
@@ -27,6 +28,7 @@ def test_a_feature_cache_path_that_is_a_file_is_refused_before_any_work(tmp_path
     assert not run_dir_of(raw).exists()
 
 
+@clean_error
 def test_a_lock_that_cannot_be_removed_never_hides_the_runs_own_error(tmp_path, monkeypatch):
     def read_only(self, missing_ok=False):
         raise PermissionError(13, "Permission denied", str(self))
@@ -41,6 +43,7 @@ def test_a_lock_that_cannot_be_removed_never_hides_the_runs_own_error(tmp_path, 
         pass
 
 
+@correct_result
 def test_summarize_skips_damaged_results_naming_each(tmp_path, capsys):
     raw = tiny_raw(tmp_path, max_tasks=1)
     run_experiment(build_config(raw))
@@ -59,6 +62,7 @@ def test_summarize_skips_damaged_results_naming_each(tmp_path, capsys):
         assert f"skipping '{logs / name / 'results.json'}': it {why}" in warned, warned
 
 
+@clean_error
 def test_an_internal_error_before_a_run_started_claims_no_record(tmp_path, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
@@ -69,6 +73,7 @@ def test_an_internal_error_before_a_run_started_claims_no_record(tmp_path, capsy
     assert "internal error" in err and "results.json" not in err and "--resume" not in err, err
 
 
+@clean_error
 def test_an_internal_error_in_a_run_names_its_record(tmp_path, capsys, monkeypatch):
     from pilot.learners.simplecil import SimpleCIL
 
@@ -79,6 +84,7 @@ def test_an_internal_error_in_a_run_names_its_record(tmp_path, capsys, monkeypat
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+@correct_result
 def test_written_files_follow_the_umask(tmp_path, umask, mode):
     previous = os.umask(umask)
     try:
@@ -88,6 +94,7 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
     assert (tmp_path / "results.json").stat().st_mode & 0o777 == mode
 
 
+@correct_result
 def test_class_names_from_macos_folders_compare_in_nfc():
     nfc, nfd = "café", unicodedata.normalize("NFD", "café")
     assert nfd != nfc and folder_class_name(nfd) == nfc
@@ -95,6 +102,7 @@ def test_class_names_from_macos_folders_compare_in_nfc():
 
 
 @pytest.mark.parametrize("learner", ["fecam", "slca"])
+@clean_error
 def test_a_class_with_one_training_image_is_refused_for_a_covariance_learner(tmp_path, capsys, learner):
     root = write_folder(tmp_path / "data")
     for image in sorted((root / "train" / "cat").iterdir())[1:]:
@@ -104,6 +112,7 @@ def test_a_class_with_one_training_image_is_refused_for_a_covariance_learner(tmp
     assert not run_dir_of(raw).exists()
 
 
+@correct_result
 def test_one_training_image_is_enough_for_a_learner_without_covariances(tmp_path):
     root = write_folder(tmp_path / "data")
     for image in sorted((root / "train" / "cat").iterdir())[1:]:
@@ -112,6 +121,7 @@ def test_one_training_image_is_enough_for_a_learner_without_covariances(tmp_path
     assert results["status"] == "complete"
 
 
+@correct_result
 def test_class_folders_copied_from_macos_keep_their_order(tmp_path):
     """NFD spells 'é' as 'e' + an accent, which sorts before 'f'; NFC's 'é' sorts after: the order is NFC's."""
     from PIL import Image

@@ -25,7 +25,7 @@ from pilot.evaluate import evaluate_run
 from pilot.runlock import LOCK_NAME, RunLocked, run_lock
 from pilot.statefile import load_state
 
-from conftest import tiny_raw
+from conftest import clean_error, correct_result, tiny_raw
 
 CLASSES = ("ant", "bee", "cat", "dog")  # seed 1's order: dog, cat (task 1), ant (task 2), bee (task 3)
 
@@ -91,6 +91,7 @@ def expect_clear_error(tmp_path, capsys, raw, *needles, args=()):
     return err
 
 
+@clean_error
 def test_a_class_without_images_is_named_and_nothing_is_written(tmp_path, capsys):
     root = write_folder(tmp_path / "data")
     for part in ("train", "test"):
@@ -101,6 +102,7 @@ def test_a_class_without_images_is_named_and_nothing_is_written(tmp_path, capsys
     assert not (tmp_path / "logs").exists()
 
 
+@clean_error
 def test_per_class_limits_are_applied_before_the_check(tmp_path, capsys):
     root = write_folder(tmp_path / "data")
     for image in (root / "test" / "dog").iterdir():
@@ -109,6 +111,7 @@ def test_per_class_limits_are_applied_before_the_check(tmp_path, capsys):
                        "Class 'dog' has no test images after test_per_class")
 
 
+@clean_error
 def test_a_test_class_that_train_lacks_is_named(tmp_path, capsys):
     root = write_folder(tmp_path / "data")
     write_folder(tmp_path / "extra", classes=("emu",), parts=("test",))
@@ -117,6 +120,7 @@ def test_a_test_class_that_train_lacks_is_named(tmp_path, capsys):
     assert not (tmp_path / "logs").exists()
 
 
+@clean_error
 def test_an_unreadable_image_is_named_by_path_before_anything_is_written(tmp_path, capsys):
     root = write_folder(tmp_path / "data")
     bad = root / "train" / "bee" / "1.jpg"
@@ -126,6 +130,7 @@ def test_an_unreadable_image_is_named_by_path_before_anything_is_written(tmp_pat
 
 
 @pytest.mark.parametrize("workers", [0, 1])
+@clean_error
 def test_a_decode_failure_in_a_loader_is_the_same_clear_error_and_leaves_a_failed_record(tmp_path, capsys, workers):
     root = write_folder(tmp_path / "data")
     bad = root / "train" / "ant" / "0.jpg"  # task 2's class: task 1 completes first
@@ -138,6 +143,7 @@ def test_a_decode_failure_in_a_loader_is_the_same_clear_error_and_leaves_a_faile
     assert record["error"]["user_fault"] and "traceback" not in record["error"]
 
 
+@correct_result
 def test_a_failed_run_resumes_after_the_fix_to_the_uninterrupted_result(tmp_path, capsys):
     root = write_folder(tmp_path / "data")
     (uninterrupted,) = run_experiment(build_config(folder_raw(tmp_path / "clean", root)))
@@ -155,6 +161,7 @@ def test_a_failed_run_resumes_after_the_fix_to_the_uninterrupted_result(tmp_path
     assert record["counts"] == uninterrupted["counts"]
 
 
+@clean_error
 def test_cifar_pickles_that_would_run_code_are_refused(tmp_path):
     from pilot.data.datasets import load_cifar100
 
@@ -171,6 +178,7 @@ def test_cifar_pickles_that_would_run_code_are_refused(tmp_path):
 # --- non-finite values ------------------------------------------------------------------------------
 
 
+@clean_error
 def test_a_nan_loss_stops_the_run_naming_learner_task_epoch_and_step(tmp_path, capsys, monkeypatch):
     from pilot.learners.l2p import L2P
 
@@ -194,6 +202,7 @@ def test_a_nan_loss_stops_the_run_naming_learner_task_epoch_and_step(tmp_path, c
     assert load_state(run_dir_of(raw) / CHECKPOINT, CHECKPOINT_KIND)["completed_tasks"] == 1
 
 
+@clean_error
 def test_non_finite_test_logits_stop_the_run(tmp_path, capsys, monkeypatch):
     from pilot.learners.simplecil import SimpleCIL
 
@@ -206,6 +215,7 @@ def test_non_finite_test_logits_stop_the_run(tmp_path, capsys, monkeypatch):
 # --- checkpoints and the feature cache ---------------------------------------------------------------
 
 
+@clean_error
 def test_a_truncated_checkpoint_is_a_clear_error_with_the_choice_to_start_over(tmp_path, capsys, monkeypatch):
     raw = tiny_raw(tmp_path)
     (uninterrupted,) = run_experiment(build_config(tiny_raw(tmp_path / "clean")))
@@ -228,6 +238,7 @@ def interrupt_before_task(monkeypatch, raw, index):
 
 
 @pytest.mark.parametrize("name", [CHECKPOINT, engine.LEGACY_CHECKPOINT])
+@clean_error
 def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys, monkeypatch, name):
     raw = tiny_raw(tmp_path)
     interrupt_before_task(monkeypatch, raw, 1)
@@ -240,6 +251,7 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys, monk
     assert not target.exists()
 
 
+@correct_result
 def test_a_truncated_feature_cache_is_recomputed_and_replaced_with_a_warning(tmp_path, capsys):
     cache = tmp_path / "cache"
     (first,) = run_experiment(build_config(tiny_raw(tmp_path, feature_cache_dir=str(cache), prefix="a")))
@@ -259,6 +271,7 @@ def test_a_truncated_feature_cache_is_recomputed_and_replaced_with_a_warning(tmp
     assert third["timings"]["encoded_images"] == 0
 
 
+@correct_result
 def test_a_mismatched_feature_cache_file_is_replaced_with_a_warning(tmp_path):
     cache = tmp_path / "cache"
     run_experiment(build_config(tiny_raw(tmp_path, feature_cache_dir=str(cache))))
@@ -275,6 +288,7 @@ def test_a_mismatched_feature_cache_file_is_replaced_with_a_warning(tmp_path):
 # --- locks, failed writes ---------------------------------------------------------------------------------
 
 
+@clean_error
 def test_a_live_lock_is_refused_and_a_stale_one_taken_over(tmp_path, capsys):
     raw = tiny_raw(tmp_path, max_tasks=1)
     run_dir = run_dir_of(raw)
@@ -295,6 +309,7 @@ def test_a_live_lock_is_refused_and_a_stale_one_taken_over(tmp_path, capsys):
     assert result["status"] == "complete" and not (run_dir / LOCK_NAME).exists()
 
 
+@clean_error
 def test_the_lock_is_exclusive_within_a_process_too(tmp_path):
     with run_lock(tmp_path / "run"):
         with pytest.raises(RunLocked, match=f"pid {os.getpid()}"):
@@ -304,6 +319,7 @@ def test_the_lock_is_exclusive_within_a_process_too(tmp_path):
         pass
 
 
+@clean_error
 def test_disk_full_during_the_results_write_keeps_the_previous_files(tmp_path, capsys, monkeypatch):
     import pilot.outputs
 
@@ -333,6 +349,7 @@ def test_disk_full_during_the_results_write_keeps_the_previous_files(tmp_path, c
     assert json.loads((run_dir / "results.json").read_text())["counts"] == uninterrupted["counts"]
 
 
+@clean_error
 def test_permission_denied_is_a_clear_error(tmp_path, monkeypatch):
     import pilot.outputs
 
@@ -383,6 +400,7 @@ def killable_raw(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("point", KILLS)
+@correct_result
 def test_kill_9_then_resume_ends_as_an_uninterrupted_run_with_no_file_truncated(tmp_path, point, uninterrupted):
     raw = killable_raw(tmp_path)
     config_path = tmp_path / "config.json"
@@ -426,6 +444,7 @@ def test_evaluate_reproduces_the_last_accuracy_exactly(tmp_path, capsys):
     assert (run_dir / "results.json").read_bytes() == results_before
 
 
+@correct_result
 def test_evaluate_on_a_shifted_copy_of_the_test_set(tmp_path, capsys):
     root = write_folder(tmp_path / "data")
     raw = folder_raw(tmp_path, root)
@@ -447,6 +466,7 @@ def test_evaluate_on_a_shifted_copy_of_the_test_set(tmp_path, capsys):
     assert "missing e.g. ['dog']" in capsys.readouterr().err
 
 
+@clean_error
 def test_evaluate_refuses_keys_that_define_the_run(tmp_path, capsys):
     raw = tiny_raw(tmp_path, max_tasks=1)
     run_experiment(build_config(raw))

@@ -14,10 +14,11 @@ from safetensors.torch import save_file
 from pilot.backbones import create_backbone
 from pilot.cli import main
 from pilot.errors import PilotError
+from pilot.runlock import RunLocked, run_lock, wait_for_orphan
 from pilot.summary import load_runs, summarize
 from pilot.sweep import execute, expand, parse_grid
 
-from conftest import TINY_VIT, tiny_raw
+from conftest import TINY_VIT, clean_error, correct_result, tiny_raw
 
 ray = pytest.importorskip("ray", reason="Ray is an extra: pip install -e '.[ray]'")
 
@@ -115,6 +116,7 @@ def test_without_ray_the_runs_go_one_by_one(tmp_path):
     assert len([line for line in lines if line.startswith("[")]) == 2  # a progress line per finished run
 
 
+@correct_result
 def test_a_killed_sweep_completes_on_rerun_as_if_uninterrupted(tmp_path):
     config = sweep_config(tmp_path, seed=[1, 2, 3], tuned_epoch=2, model_name="linear_probe")
     command = [sys.executable, "-m", "pilot.cli", "sweep", "--config", str(config), "--max-parallel", "1"]
@@ -124,8 +126,9 @@ def test_a_killed_sweep_completes_on_rerun_as_if_uninterrupted(tmp_path):
     for line in process.stdout:  # once the first run has finished,
         if line.startswith("[#"):
             break
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(run.state() == "unfinished" for run in sweep.runs):
+    deadline = time.time() + 600
+    while not any(run.state() == "unfinished" for run in sweep.runs):
+        assert time.time() < deadline, "the sweep's second run never wrote a checkpoint"
         time.sleep(0.01)  # ... and the next has a checkpoint, kill -9 the whole sweep (driver and Ray)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -134,6 +137,77 @@ def test_a_killed_sweep_completes_on_rerun_as_if_uninterrupted(tmp_path):
     resumed = results_of(sweep)
     uninterrupted = expand([sweep_config(tmp_path / "again", seed=[1, 2, 3], tuned_epoch=2,
                                          model_name="linear_probe")], {}, {})
-    execute(uninterrupted, use_ray=False, report=lambda line: None)
+    records = execute(uninterrupted, use_ray=False, report=lambda line: None)
+    assert [record["status"] for record in records.values()] == ["complete"] * 3, records
     for ours, theirs in zip(resumed.values(), results_of(uninterrupted).values()):
         assert {k: ours[k] for k in METRICS} == {k: theirs[k] for k in METRICS}
+
+
+def _python(code, **kwargs):
+    """A Python process running ``code`` that prints a line once it holds what it was asked to hold."""
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, **kwargs)
+
+
+def _dead_pid():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()  # reaped: no process has this PID any more
+    return process.pid
+
+
+HOLD = """
+import socket, sys, time
+from pilot.runlock import owned_by, run_lock
+from pilot.sweep import dies_with
+driver = {{"host": socket.gethostname(), "pid": {driver}}}
+with owned_by(driver), {watch}run_lock({run_dir!r}):
+    print("locked", flush=True)
+    time.sleep({seconds})
+"""
+
+
+@correct_result
+def test_a_run_on_a_worker_dies_with_its_driver_and_lets_go_of_its_lock(tmp_path):
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    worker = _python(HOLD.format(driver=driver.pid, watch="dies_with(driver), ", run_dir=str(tmp_path), seconds=600))
+    assert worker.stdout.readline() == "locked\n"
+    with pytest.raises(RunLocked):  # held while its driver lives
+        with run_lock(tmp_path):
+            pass
+    driver.kill()
+    driver.wait()
+    assert worker.wait(timeout=60) == -signal.SIGKILL  # gone without waiting out its 600 s
+    with pytest.warns(UserWarning, match="no longer running"), run_lock(tmp_path):  # and its lock with it
+        pass
+
+
+@correct_result
+def test_a_rerun_waits_for_a_killed_sweeps_run_to_let_go(tmp_path):
+    orphan = _python(HOLD.format(driver=_dead_pid(), watch="", run_dir=str(tmp_path), seconds=2))
+    assert orphan.stdout.readline() == "locked\n"
+    with pytest.raises(RunLocked):
+        with run_lock(tmp_path):
+            pass
+    wait_for_orphan(tmp_path)  # returns once the orphan has let go, however long it takes to
+    with run_lock(tmp_path):
+        pass
+    assert orphan.wait(timeout=60) == 0
+
+
+@clean_error
+def test_a_live_sweeps_run_is_not_waited_for_and_a_stuck_orphan_is_named(tmp_path):
+    live = _python(HOLD.format(driver="__import__('os').getpid()", watch="", run_dir=str(tmp_path / "live"),
+                               seconds=600))
+    stuck = _python(HOLD.format(driver=_dead_pid(), watch="", run_dir=str(tmp_path / "stuck"), seconds=600))
+    try:
+        assert live.stdout.readline() == stuck.stdout.readline() == "locked\n"
+        wait_for_orphan(tmp_path / "live")  # its driver runs: a real conflict, for run_lock to refuse
+        with pytest.raises(RunLocked, match="in use by"):
+            with run_lock(tmp_path / "live"):
+                pass
+        with pytest.raises(RunLocked, match=f"killed .*kill {stuck.pid}"):
+            wait_for_orphan(tmp_path / "stuck", timeout=0.5)
+    finally:
+        live.kill()
+        stuck.kill()
+        live.wait()
+        stuck.wait()

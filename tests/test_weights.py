@@ -10,7 +10,7 @@ import pilot.digests as digests
 from pilot.backbones import create_backbone
 from pilot.errors import PilotError
 
-from conftest import DEIT_WEIGHTS, TINY_VIT
+from conftest import DEIT_WEIGHTS, TINY_VIT, clean_error, correct_result
 from test_backbones import register_tiny_open_clip
 
 TINY = "vit_tiny_patch16_224"
@@ -37,6 +37,7 @@ def features(path: str, **args) -> torch.Tensor:
 # --- strict loading ---------------------------------------------------------------------------------
 
 
+@clean_error
 def test_resnet_weights_for_a_vit_are_refused(tmp_path):
     path = tmp_path / "resnet18.safetensors"
     save_file(timm.create_model("resnet18", pretrained=False).state_dict(), path)
@@ -49,6 +50,7 @@ def test_resnet_weights_for_a_vit_are_refused(tmp_path):
     assert "for another architecture" in message and "set backbone_type" in message
 
 
+@clean_error
 def test_a_missing_tensor_is_refused_by_name_also_in_a_set(tmp_path):
     path = tiny_weights(tmp_path, f"{TINY}.safetensors", lambda tensors: tensors.pop("blocks.1.mlp.fc2.bias"))
     missing = r"1 backbone tensor\(s\) missing from the file: blocks\.1\.mlp\.fc2\.bias\."
@@ -59,6 +61,7 @@ def test_a_missing_tensor_is_refused_by_name_also_in_a_set(tmp_path):
 
 
 @requires_deit
+@clean_error
 def test_the_real_deit_file_missing_a_tensor_is_refused_by_name(tmp_path):
     tensors = load_file(DEIT_WEIGHTS)
     del tensors["blocks.11.mlp.fc2.bias"]
@@ -80,6 +83,7 @@ def test_the_real_deit_file_loads_as_timm_loads_it(args):
         torch.testing.assert_close(backbone(images), reference(images))
 
 
+@clean_error
 def test_a_tensor_of_another_shape_is_named_with_both_shapes(tmp_path):
     path = tiny_weights(tmp_path, change=lambda tensors: tensors.update({"blocks.0.norm1.weight": torch.ones(100)}))
     with pytest.raises(PilotError, match=r"1 tensor\(s\) of another shape: blocks\.0\.norm1\.weight "
@@ -87,6 +91,7 @@ def test_a_tensor_of_another_shape_is_named_with_both_shapes(tmp_path):
         create_backbone(TINY, pretrained_path=path, **TINY_VIT)
 
 
+@clean_error
 def test_an_unexpected_tensor_is_refused(tmp_path):
     path = tiny_weights(tmp_path, change=lambda tensors: tensors.update({"blocks.2.norm1.weight": torch.ones(192)}))
     with pytest.raises(PilotError, match=r"1 tensor\(s\) in the file that the backbone lacks: "
@@ -94,6 +99,7 @@ def test_an_unexpected_tensor_is_refused(tmp_path):
         create_backbone(TINY, pretrained_path=path, **TINY_VIT)
 
 
+@clean_error
 def test_only_the_classifier_head_may_be_missing_or_extra(tmp_path):
     def drop_head(tensors):
         del tensors["head.weight"], tensors["head.bias"]
@@ -107,6 +113,7 @@ def test_only_the_classifier_head_may_be_missing_or_extra(tmp_path):
         features(headless_and_short)
 
 
+@clean_error
 def test_an_open_clip_file_must_fit_the_image_tower_only(tmp_path):
     import open_clip
 
@@ -127,6 +134,7 @@ def test_an_open_clip_file_must_fit_the_image_tower_only(tmp_path):
 # --- identity -----------------------------------------------------------------------------------------
 
 
+@correct_result
 def test_backbone_args_are_part_of_the_identity():
     two = create_backbone(TINY, pretrained=False, **TINY_VIT)
     three = create_backbone(TINY, pretrained=False, **{**TINY_VIT, "depth": 3})
