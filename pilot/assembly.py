@@ -30,8 +30,11 @@ TRAIN_AND_TEST = ("train", "test")
 
 
 def resolve_device(requested: list[str]) -> torch.device:
-    """PILOT writes GPU ids ("0"); "cpu" or "-1" mean the CPU. No CUDA: fall back with a warning."""
-    name = str(requested[0]) if requested else "cpu"
+    """"auto" (the default): CUDA where there is one, else the CPU, silently. PILOT writes GPU ids ("0"); "cpu"
+    or "-1" mean the CPU. A GPU asked for by name without CUDA: the CPU, with a warning."""
+    name = str(requested[0]) if requested else "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name in ("cpu", "-1"):
         return torch.device("cpu")
     if name.isdigit():
@@ -42,7 +45,7 @@ def resolve_device(requested: list[str]) -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError:
-        raise PilotError(f"Unknown device '{requested[0]}': use \"cpu\", a GPU id like \"0\", or \"cuda:0\".") from None
+        raise PilotError(f"Unknown device '{requested[0]}': use \"auto\", \"cpu\", a GPU id like \"0\", or \"cuda:0\".") from None
 
 
 def seed_everything(seed: int) -> None:

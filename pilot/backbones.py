@@ -18,6 +18,10 @@ import contextlib
 import difflib
 import functools
 import json
+import os
+import socket
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Optional
 from unittest import mock
@@ -47,6 +51,9 @@ WEIGHTS_HELP = (
     "Without internet, download the weights elsewhere and set \"pretrained_path\" to the local file "
     "(timm: .safetensors or .pth; open_clip: its checkpoint), or set \"pretrained\": false for random weights."
 )
+WEIGHTS_DIR_ENV = "PILOT_WEIGHTS_DIR"
+# One connection attempt tells whether the hub is reachable; huggingface_hub itself retries for about a minute.
+HUB_PROBE_SECONDS = 5.0
 
 
 def resolve_backbone_name(name: str) -> str:
@@ -88,10 +95,62 @@ def local_weights(backbone_type: str, pretrained_path: Optional[str], weights_di
         return path
     if not weights_dir:
         return None
-    name = backbone_type.removeprefix(OPEN_CLIP_PREFIX).replace(":", "_").replace("/", "_")
-    stems = {name, name.split(".")[0]}  # with and without timm's weights tag
-    candidates = [Path(weights_dir).expanduser() / f"{stem}{suffix}" for stem in sorted(stems) for suffix in WEIGHT_SUFFIXES]
+    candidates = [Path(weights_dir).expanduser() / f"{stem}{suffix}" for stem in sorted(_weights_stems(backbone_type))
+                  for suffix in WEIGHT_SUFFIXES]
     return next((c for c in candidates if c.is_file()), None)
+
+
+def _weights_stems(backbone_type: str) -> list[str]:
+    """The file names (without suffix) a model's weights may have in weights_dir: the full name first, then
+    the name without timm's weights tag."""
+    name = backbone_type.removeprefix(OPEN_CLIP_PREFIX).replace(":", "_").replace("/", "_")
+    return list(dict.fromkeys([name, name.split(".")[0]]))
+
+
+def _hub_out_of_reach() -> bool:
+    """HF_HUB_OFFLINE is set, or one connection to the hub (or the proxy to it) fails."""
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    url = urllib.parse.urlsplit(hub.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=HUB_PROBE_SECONDS).close()
+    except (OSError, ValueError):
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _hub_downloads(needed: bool):
+    """Inside, a hub out of reach is offline for huggingface_hub: weights come from its cache or fail at once,
+    instead of after its retries. Yields whether the hub is out of reach."""
+    import huggingface_hub.constants as hub
+
+    out_of_reach = needed and _hub_out_of_reach()
+    with mock.patch.object(hub, "HF_HUB_OFFLINE", True) if out_of_reach else contextlib.nullcontext():
+        yield out_of_reach
+
+
+def hub_failure(subject: str, backbone_type: str, weights_dir: Optional[str], out_of_reach: bool, err: Exception) -> str:
+    """Why the hub gave no ``subject`` ("weights for 'name'"), the local file looked for instead, and the ways out."""
+    why = ("the model hub cannot be reached (HF_HUB_OFFLINE is set, or one connection attempt failed) and its cache "
+           "does not hold them" if out_of_reach else f"the model hub failed ({type(err).__name__}: {err})")
+    stems = _weights_stems(backbone_type)
+    if weights_dir:
+        others = "nor the same name with .pth, .pt or .bin" + (f", nor '{stems[1]}.*' without the weights tag"
+                                                               if len(stems) > 1 else "")
+        local = (f"no local file '{Path(weights_dir).expanduser() / stems[0]}.safetensors' ({others}) in weights_dir "
+                 f"(default ${WEIGHTS_DIR_ENV}, else ./weights)")
+    else:
+        local = f"no weights_dir to look in (set it, or ${WEIGHTS_DIR_ENV}, to a folder)"
+    return (f"Could not load {subject}: {why}, and there is {local}. Put the weights file there or point "
+            f"{WEIGHTS_DIR_ENV} at its folder, set \"pretrained_path\" to the file, or set \"pretrained\": false "
+            f"for random weights.")
 
 
 def _identity(architecture: str, model_args: dict, pretrained: bool, path: Optional[Path], seed: int, tag: str) -> str:
@@ -150,7 +209,8 @@ def _strict_timm_file(path: Path, name: str):
     return mock.patch.object(_builder, "load_pretrained", checked)
 
 
-def _timm_model(name: str, pretrained: bool, path: Optional[Path], **kwargs) -> nn.Module:
+def _timm_model(name: str, pretrained: bool, path: Optional[Path], weights_dir: Optional[str] = None,
+                **kwargs) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
@@ -162,18 +222,24 @@ def _timm_model(name: str, pretrained: bool, path: Optional[Path], **kwargs) -> 
         )
     if path is not None:  # the local file joins the user's overlay (input size, crop, mean/std), not replaces it
         kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
-    try:
-        with _strict_timm_file(path, name) if path is not None else contextlib.nullcontext():
-            return timm.create_model(name, pretrained=pretrained or path is not None, **kwargs)
-    except PilotError:
-        raise
-    except Exception as err:  # hub and file errors come in many types
-        source = f"the file '{path}'" if path else "the model hub"
-        raise PilotError(f"Could not load weights for '{name}' from {source} ({type(err).__name__}: {err}). {WEIGHTS_HELP}") from None
+    with _hub_downloads(pretrained and path is None) as out_of_reach:
+        try:
+            with _strict_timm_file(path, name) if path is not None else contextlib.nullcontext():
+                return timm.create_model(name, pretrained=pretrained or path is not None, **kwargs)
+        except PilotError:
+            raise
+        except Exception as err:  # hub, file and model-argument errors come in many types
+            if path is not None:
+                raise PilotError(f"Could not load weights for '{name}' from the file '{path}' ({type(err).__name__}: "
+                                 f"{err}). {WEIGHTS_HELP}") from None
+            if pretrained:
+                raise PilotError(hub_failure(f"weights for '{name}'", name, weights_dir, out_of_reach, err)) from None
+            raise PilotError(f"Could not build '{name}' ({type(err).__name__}: {err}): check backbone_args.") from None
 
 
-def _timm_backbone(name: str, pretrained: bool, path: Optional[Path], seed: int, **model_args) -> Backbone:
-    model = _timm_model(name, pretrained, path, num_classes=0, **model_args)
+def _timm_backbone(name: str, pretrained: bool, path: Optional[Path], seed: int, weights_dir: Optional[str],
+                   **model_args) -> Backbone:
+    model = _timm_model(name, pretrained, path, weights_dir, num_classes=0, **model_args)
     cfg = model.pretrained_cfg
     # The built model's input size wins over the weights' (a test model built with img_size=32).
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
@@ -185,7 +251,8 @@ def _timm_backbone(name: str, pretrained: bool, path: Optional[Path], seed: int,
     return Backbone(model, data_config, model.num_features, identity)
 
 
-def _open_clip_backbone(spec: str, pretrained: bool, path: Optional[Path], seed: int) -> Backbone:
+def _open_clip_backbone(spec: str, pretrained: bool, path: Optional[Path], seed: int,
+                        weights_dir: Optional[str]) -> Backbone:
     import open_clip
 
     model_name, _, tag = spec.partition(":")
@@ -193,20 +260,28 @@ def _open_clip_backbone(spec: str, pretrained: bool, path: Optional[Path], seed:
         close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3, cutoff=0.5)
         hint = f" Closest open_clip models: {', '.join(close)}." if close else ""
         raise PilotError(f"Unknown open_clip model '{model_name}'.{hint} See open_clip.list_models().")
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
     if pretrained and path is None and not tag:
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
         raise PilotError(f"'{OPEN_CLIP_PREFIX}{model_name}' needs a pretrained tag, e.g. '{OPEN_CLIP_PREFIX}{model_name}:{tags[0] if tags else 'openai'}' (tags: {', '.join(tags)}).")
+    if pretrained and path is None and tag not in tags:
+        raise PilotError(f"open_clip has no pretrained tag '{tag}' for '{model_name}' (tags: {', '.join(tags) or 'none'}).")
     hub = tag if pretrained and path is None else None
-    try:
-        model = open_clip.create_model(model_name, pretrained=hub, require_pretrained=hub is not None)
-        if path is not None:  # only the image tower need fit: its features ignore the text side
-            with _strictly_into(model.visual, path, OPEN_CLIP_PREFIX + spec):
-                open_clip.load_checkpoint(model, str(path), strict=False)
-    except PilotError:
-        raise
-    except Exception as err:
-        raise PilotError(f"Could not load open_clip weights '{path or hub}' for '{model_name}' "
-                         f"({type(err).__name__}: {err}). {WEIGHTS_HELP}") from None
+    with _hub_downloads(hub is not None) as out_of_reach:
+        try:
+            model = open_clip.create_model(model_name, pretrained=hub, require_pretrained=hub is not None)
+            if path is not None:  # only the image tower need fit: its features ignore the text side
+                with _strictly_into(model.visual, path, OPEN_CLIP_PREFIX + spec):
+                    open_clip.load_checkpoint(model, str(path), strict=False)
+        except PilotError:
+            raise
+        except Exception as err:
+            if hub is not None:
+                raise PilotError(hub_failure(f"open_clip weights '{tag}' for '{model_name}'", OPEN_CLIP_PREFIX + spec,
+                                             weights_dir, out_of_reach, err)) from None
+            if path is None:
+                raise
+            raise PilotError(f"Could not load open_clip weights '{path}' for '{model_name}' "
+                             f"({type(err).__name__}: {err}). {WEIGHTS_HELP}") from None
     visual = model.visual
     cfg = open_clip.get_model_preprocess_cfg(model)
     size = cfg["size"][-1] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
@@ -279,7 +354,7 @@ def source_classifier(backbone_type: str, pretrained: bool = True, weights_dir: 
     pretrained = pretrained and not random_init
     with contextlib.nullcontext() if pretrained else _seeded(seed):
         model = _timm_model(name, pretrained, local_weights(name, None, weights_dir if pretrained else None),
-                            **model_args)
+                            weights_dir, **model_args)
     head = model.get_classifier()
     return head.eval() if isinstance(head, nn.Linear) else None
 
@@ -304,11 +379,11 @@ def create_backbone(backbone_type: str | list[str], pretrained: bool = True, pre
     with contextlib.nullcontext() if pretrained else _seeded(seed):
         if name.startswith(OPEN_CLIP_PREFIX):
             path = local_weights(name, pretrained_path, weights_dir if pretrained else None)
-            backbone = _open_clip_backbone(name[len(OPEN_CLIP_PREFIX):], pretrained, path, seed)
+            backbone = _open_clip_backbone(name[len(OPEN_CLIP_PREFIX):], pretrained, path, seed, weights_dir)
         else:
             name = resolve_backbone_name(name)
             path = local_weights(name, pretrained_path, weights_dir if pretrained else None)
-            backbone = _timm_backbone(name, pretrained, path, seed, **model_args)
+            backbone = _timm_backbone(name, pretrained, path, seed, weights_dir, **model_args)
     if blocks:
         keep_blocks(backbone.model, blocks, backbone_type)
         backbone.identity += f"{BLOCKS_MARK}{blocks}"

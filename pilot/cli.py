@@ -18,6 +18,20 @@ from pathlib import Path
 
 from pilot.errors import PilotError
 
+# The commands besides running a config, each with its purpose: the top-level --help lists them.
+COMMANDS = {
+    "sweep": "run configs' seeds times a grid of values, in parallel on Ray when installed",
+    "summarize": "tabulate finished runs: mean ± std over seeds, as Markdown, CSV or LaTeX",
+    "evaluate": "score a run's last checkpoint again, e.g. on a shifted copy of its test set",
+    "select": "rank candidate backbones for a config's data before running it",
+}
+
+USAGE = ("pilot --config FILE [--set KEY=VALUE ...] [--resume | --restart] [--quiet]\n"
+         "       pilot {" + ",".join(COMMANDS) + "} ...   (pilot <command> --help for its options)")
+
+DESCRIPTION = ("Run a continual-learning experiment (class-, task- or domain-incremental) from a JSON config.\n\n"
+               "commands:\n" + "\n".join(f"  {name:<10} {purpose}" for name, purpose in COMMANDS.items()))
+
 EPILOG = """\
 examples:
   pilot --config exps/quickstart.json
@@ -44,12 +58,10 @@ sweep's record is <log_dir>/sweeps/<name>/sweep.json; its runs share one feature
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pilot",
-        description="Run a continual-learning experiment (class-, task- or domain-incremental) from a JSON config.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", required=True, help="JSON config (PILOT's key names), e.g. exps/simplecil.json")
+    p = argparse.ArgumentParser(prog="pilot", usage=USAGE, description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="FILE",
+                   help="JSON config (PILOT's key names), e.g. exps/simplecil.json")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key; VALUE is parsed as JSON when it can be (repeatable)")
     p.add_argument("--resume", action="store_true",
@@ -148,7 +160,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 def run_evaluate(argv: list[str]) -> int:
     from pilot.config import parse_overrides
-    from pilot.evaluate import evaluate_run, report
+    from pilot.evaluation import evaluate_run, report
 
     args = evaluate_parser().parse_args(argv)
     overrides = parse_overrides(args.overrides)

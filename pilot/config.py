@@ -81,7 +81,8 @@ class ExperimentConfig:
     # Training batch sizes belong to each learner's config (published defaults differ).
     eval_batch_size: int = 128
     num_workers: int = 0
-    device: list[str] = field(default_factory=lambda: ["cpu"])
+    # "auto": CUDA where there is one, else the CPU; or "cpu", a GPU id as PILOT writes it ("0"), "cuda:0".
+    device: list[str] = field(default_factory=lambda: ["auto"])
     # Quick runs: keep the first N train / M test images of each class (dataset order); 0 = all.
     train_per_class: int = 0
     test_per_class: int = 0

@@ -13,7 +13,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pilot.backbones import Backbone, BackboneSet
 from pilot.config import ExperimentConfig
@@ -24,6 +23,7 @@ from pilot.distributed import gather_rows, rank_and_size
 from pilot.errors import PilotError
 from pilot.features import ConcatenatedFeatures, FeatureStore
 from pilot.memory import RehearsalMemory
+from pilot.outputs import BatchWatcher, Phase
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,7 @@ class RunContext:
         self.device = device
         self.generator = generator
         self.log: logging.Logger = logging.getLogger("pilot")  # the run's log once the run starts
+        self.batch_watcher: Optional[BatchWatcher] = None  # the run's size check, told of every phase's batches
         self.preprocessing = preprocessing
         self.memory = memory
         self.access = DataAccess(experiment.model_name)
@@ -170,10 +171,15 @@ class RunContext:
             return gather_rows(self._encode(encoder, shard, extra, desc, batch_size, transform), len(split))
         return self._encode(encoder, split, extra, desc, batch_size, transform)
 
+    def progress(self, batches, desc: str) -> Phase:
+        """``batches`` as a phase of the run: a progress bar on a terminal (unless the config's ``progress`` is
+        off), one line in the run's log when it ends."""
+        return Phase(batches, desc, self.log, self.experiment.progress, self.batch_watcher)
+
     def _encode(self, encoder, split: Split, extra, desc: str, batch_size: Optional[int], transform) -> torch.Tensor:
         chunks = []
-        batches = tqdm(self.eval_loader(split, transform, batch_size), desc=desc, leave=False, disable=not (desc and self.experiment.progress))
-        for images, _, positions in batches:
+        batches = self.eval_loader(split, transform, batch_size)
+        for images, _, positions in self.progress(batches, desc) if desc else batches:
             inputs = (images.to(self.device),) if extra is None else (images.to(self.device), extra[positions].to(self.device))
             with self.autocast():
                 chunks.append(encoder(*inputs).float().cpu())

@@ -17,7 +17,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -41,6 +41,10 @@ from pilot.tracking import Trackers
 STEP_SCALARS = ("accuracy", "average_incremental_accuracy", "old_accuracy", "new_accuracy", "forgetting",
                 "backward_transfer", "class_il_accuracy", "task_il_accuracy")
 RUN_OUTPUTS = (CHECKPOINT, LEGACY_CHECKPOINT, "results.json", "metrics.csv", "run.log", "evaluation.json", "tensorboard")
+# A full-size run on the CPU says what it will cost where one pass over its images takes longer than this.
+SLOW_PASS_SECONDS = 600.0
+P1_SUBSET = "--set train_per_class=50 --set test_per_class=10 --set max_tasks=3"
+EXPS = Path(__file__).resolve().parents[1] / "exps"
 
 
 def run_directory(experiment: ExperimentConfig, seed: int) -> Path:
@@ -113,11 +117,40 @@ def evaluate_seen_tasks(learner: Learner, stream: TaskStream, step: int) -> Eval
     return evaluation
 
 
+class SizeCheck:
+    """A full-size run (every training image) on the CPU, timed by its first batches: where one pass over its
+    images would take longer than SLOW_PASS_SECONDS, one log line says how long and how to run the P1 subset."""
+
+    FIRST_BATCHES = 3
+
+    def __init__(self, stream: TaskStream, model_name: str, log):
+        self.images = sum(len(task.train) + len(task.test) for task in stream.tasks)
+        self.model_name, self.log = model_name, log
+        self.done = False
+
+    def __call__(self, batches: int, images: int, seconds: float) -> None:
+        if self.done or batches < self.FIRST_BATCHES:
+            return
+        self.done = True
+        per_image = seconds / images
+        estimate = per_image * self.images
+        if estimate < SLOW_PASS_SECONDS:
+            return
+        p1 = EXPS / f"{self.model_name}_p1.json"
+        config = f"--config exps/{p1.name}, or " if p1.is_file() else ""
+        took = f"{estimate / 3600:.1f} h" if estimate >= 3600 else f"{estimate / 60:.0f} min"
+        self.log.warning(f"full size on the CPU: the first batches took {per_image:.2f}s per image, so one pass over "
+                         f"this run's {self.images:,} images takes about {took}, and every training epoch passes over "
+                         f"its training images again. A run in minutes, the P1 subset: {config}{P1_SUBSET}")
+
+
 class Run:
     """One seed's run: everything is built and checked before anything is read or written in its directory."""
 
-    def __init__(self, config: RunConfig, resume: bool = False, restart: bool = False):
+    def __init__(self, config: RunConfig, resume: bool = False, restart: bool = False,
+                 on_task_end: Optional[Callable[[Path, dict[str, Any]], None]] = None):
         self.config = config
+        self.on_task_end = on_task_end  # called with the run directory and the record after each task
         self.assembly = built = assemble(config)
         self.seed, self.device = built.seed, built.device
         self.dataset, self.stream, self.ctx, self.learner = built.dataset, built.stream, built.ctx, built.learner
@@ -138,7 +171,11 @@ class Run:
                                      lambda counts: setattr(self, "matrix", AccuracyMatrix(**counts))),
                 "task_metrics": StatePart(lambda: self.task_matrix.to_dict(),
                                           lambda counts: setattr(self, "task_matrix", AccuracyMatrix(**counts))),
-                "rows": StatePart(lambda: self.rows, lambda rows: setattr(self, "rows", rows))}
+                "rows": StatePart(lambda: self.rows, self._restore_rows)}
+
+    def _restore_rows(self, rows: list[dict]) -> None:
+        """Rows are the tasks in order, numbered from 1 (an earlier version's checkpoint numbered them from 0)."""
+        self.rows = [{**row, "task": number} for number, row in enumerate(rows, start=1)]
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -149,6 +186,8 @@ class Run:
                 self._clear_directory()
             self.start_task = self._resume()
             log = self.ctx.log = open_log(self.run_dir, str(self.run_dir), to_file=main)
+            if self.device.type == "cpu" and self.config.experiment.train_per_class == 0:
+                self.ctx.batch_watcher = SizeCheck(self.stream, self.config.experiment.model_name, log)
             scalars = Trackers(self.run_dir, self.config.experiment, self.config.to_flat_dict(), enabled=main)
             complete = False
             try:
@@ -221,19 +260,22 @@ class Run:
         if is_main():
             self.checkpoints.save(self.config, self.dataset, task.index + 1, self.state_parts())
         self.results = self.writer.write_progress(self.matrix, self.task_matrix, self.rows)
+        if self.on_task_end is not None and is_main():  # rank 0 alone writes the record it is given
+            self.on_task_end(self.run_dir, self.results)
 
     def _update_memory(self, task) -> None:
         """After the task is learnt, PILOT's ``build_rehearsal_memory``: exemplars herded on the learner's features."""
         memory = self.ctx.memory
         if memory is not None:
             memory.update(task.train, task.new_classes, self.learner.memory_features, task.num_seen, self.ctx.generator)
+            self.learner.memory_updated(task)
 
     def _row(self, task, evaluation: Evaluation, train_seconds: float, eval_seconds: float) -> dict[str, Any]:
         """The task's line of metrics.csv and results.json: the scenario's accuracy (task-incremental in a "task"
         stream) and its summary, both views' accuracy where classes arrive, timings, the memory."""
         scenario = self.stream.scenario
         headline = self.task_matrix if scenario == "task" else self.matrix
-        row = {"task": task.index, "classes_seen": task.num_seen, **({"domain": task.domain} if task.domain else {}),
+        row = {"task": task.index + 1, "classes_seen": task.num_seen, **({"domain": task.domain} if task.domain else {}),
                **headline.step_summary(task.index)}
         if scenario != "domain":
             row["class_il_accuracy"] = self.matrix.accuracy(task.index)
@@ -274,9 +316,11 @@ def check_writable(run_dir: Path) -> None:
     require_folder(run_dir, "log_dir")
 
 
-def run_experiment(config: RunConfig, resume: bool = False, restart: bool = False) -> list[dict[str, Any]]:
+def run_experiment(config: RunConfig, resume: bool = False, restart: bool = False,
+                   on_task_end: Optional[Callable[[Path, dict[str, Any]], None]] = None) -> list[dict[str, Any]]:
     """Start ``config``'s runs, one per seed, each in its own directory: every directory is checked
-    before any run starts; ``restart`` discards what earlier runs left there."""
+    before any run starts; ``restart`` discards what earlier runs left there; ``on_task_end`` sees each
+    task's record as it is written."""
     if resume and restart:
         raise PilotError("--resume continues a run and --restart discards it: choose one.")
     for seed in config.experiment.seed:
@@ -285,7 +329,7 @@ def run_experiment(config: RunConfig, resume: bool = False, restart: bool = Fals
         check_run_directory(run_dir, config.for_seed(seed), resume, restart)
     results = []
     for seed in config.experiment.seed:
-        run = Run(config.for_seed(seed), resume=resume, restart=restart)
+        run = Run(config.for_seed(seed), resume=resume, restart=restart, on_task_end=on_task_end)
         results.append({"run_dir": str(run.run_dir), **run.execute()})
     return results
 

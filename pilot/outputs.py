@@ -1,5 +1,6 @@
 """Run outputs, each written atomically (a temporary file renamed into place), so a killed run
-never leaves a truncated file: results.json, metrics.csv, TensorBoard scalars, a plain log."""
+never leaves a truncated file: results.json, metrics.csv, TensorBoard scalars, a plain log; progress
+bars on a terminal, and a log line per finished phase."""
 from __future__ import annotations
 
 import csv
@@ -8,9 +9,14 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
+
+from tqdm import tqdm
 
 from pilot.errors import PilotError
 
@@ -128,6 +134,39 @@ def close_log(logger: logging.Logger) -> None:
     for handler in list(logger.handlers):
         handler.close()
         logger.removeHandler(handler)
+
+
+# Told each phase's batches so far (batches, images, seconds): what times a run (``pilot.engine.SizeCheck``).
+BatchWatcher = Callable[[int, int, float], None]
+
+
+class Phase:
+    """One phase of a run (an encoding pass, an epoch) over batches whose first item holds the images: a
+    progress bar on a terminal and only there, then one line in the run's log when the phase ends, so
+    run.log and redirected output get whole lines, never a bar's carriage-return fragments."""
+
+    def __init__(self, batches: Iterable, desc: str, log: logging.Logger, show_bar: bool = True,
+                 watcher: Optional[BatchWatcher] = None):
+        self.bar = tqdm(batches, desc=desc, leave=False, disable=not (show_bar and sys.stderr.isatty()))
+        self.desc, self.log, self.watcher = desc, log, watcher
+        self.values: dict[str, str] = {}
+
+    def note(self, **values: str) -> None:
+        """Values shown beside the bar; the last ones noted end the phase's log line (e.g. mean_loss)."""
+        self.values = values
+        self.bar.set_postfix(values, refresh=False)
+
+    def __iter__(self) -> Iterator:
+        started = time.perf_counter()
+        batches = images = 0
+        for batch in self.bar:
+            yield batch
+            batches, images = batches + 1, images + len(batch[0])
+            if self.watcher is not None:
+                self.watcher(batches, images, time.perf_counter() - started)
+        noted = "".join(f", {name.replace('_', ' ')} {value}" for name, value in self.values.items())
+        self.log.info(f"{self.desc}: {images} images in {batches} batch{'' if batches == 1 else 'es'}, "
+                      f"{time.perf_counter() - started:.1f}s{noted}")
 
 
 def finite_scalars(values: dict[str, Any]) -> dict[str, float]:

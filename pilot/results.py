@@ -22,6 +22,10 @@ from pilot.errors import PilotError
 from pilot.metrics import AccuracyMatrix
 from pilot.outputs import write_csv, write_json
 
+# The record's layout. 2: tasks numbered from 1 in "per_task" and metrics.csv, as on the console; a record
+# without "format" is layout 1, whose rows numbered them from 0 (the same keys otherwise).
+RESULTS_FORMAT = "pilot-results/2"
+
 
 def is_complete(run_dir: Path) -> bool:
     try:
@@ -92,6 +96,7 @@ class ResultsWriter:
         stream = run.stream
         views = {} if stream.scenario == "domain" else {"class_il": metrics(matrix), "task_il": metrics(task_matrix)}
         return {
+            "format": RESULTS_FORMAT,
             "status": status,
             **({"error": error} if error else {}),
             "config": run.config.to_flat_dict(),

@@ -78,6 +78,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(finished_run, tmp_path
     assert resumed["accuracy_curve"] == uninterrupted["accuracy_curve"]
 
 
+@pytest.mark.slow
 @requires_assets
 def test_on_real_weights_and_data(tmp_path):
     config = build_config(real_raw(
@@ -117,6 +118,7 @@ def test_aper_variants_train_only_their_own_parameters(tmp_path, variant):
     assert not torch.allclose(learner.adapted_features(split), run.ctx.features(split))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["ssf", "vpt_deep", "finetune"])
 def test_aper_variants_resume_after_a_kill(tmp_path, variant):
     from conftest import assert_resume_matches_uninterrupted

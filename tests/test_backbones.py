@@ -1,4 +1,6 @@
 import json
+import socket
+import time
 
 import pytest
 import timm
@@ -29,11 +31,48 @@ def test_random_timm_backbone_features_and_input_size():
     assert backbone(torch.zeros(2, 3, 32, 32)).shape == (2, 192)
 
 
+def empty_hub_cache(monkeypatch, tmp_path):
+    """The hub's cache, read when a download is asked for: empty, so no weights come from a cached copy."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+
 def test_weights_missing_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    empty_hub_cache(monkeypatch, tmp_path)
     with pytest.raises(PilotError, match=r"Could not load weights for 'vit_tiny_patch16_224'.*pretrained_path"):
         create_backbone("vit_tiny_patch16_224", pretrained=True, **TINY_VIT)
+
+
+@pytest.mark.parametrize("unreachable", ["HF_HUB_OFFLINE", "no connection"])
+def test_weights_with_the_hub_out_of_reach_fail_at_once_naming_the_local_file(monkeypatch, tmp_path, unreachable):
+    """PILOT's headline backbone offline: one connection attempt (or HF_HUB_OFFLINE), not the hub's retries, and
+    the file that weights_dir should hold."""
+    empty_hub_cache(monkeypatch, tmp_path)
+    if unreachable == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        import huggingface_hub.constants
+
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        attempts = []
+
+        def refuse(address, *args, **kwargs):
+            attempts.append(address)
+            raise OSError("Network is unreachable")
+
+        monkeypatch.setattr(socket, "create_connection", refuse)
+    started = time.perf_counter()
+    with pytest.raises(PilotError) as raised:
+        create_backbone("pretrained_vit_b16_224", weights_dir=str(tmp_path / "weights"), **TINY_VIT)
+    assert time.perf_counter() - started < 10
+    message = str(raised.value)
+    assert f"'{tmp_path / 'weights' / 'vit_base_patch16_224.augreg_in21k_ft_in1k.safetensors'}'" in message
+    assert "PILOT_WEIGHTS_DIR" in message and "cannot be reached" in message and "pretrained_path" in message
+    if unreachable == "no connection":
+        assert len(attempts) == 1
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):
@@ -78,8 +117,7 @@ def test_open_clip_errors(tmp_path, monkeypatch):
     register_tiny_open_clip(tmp_path)
     with pytest.raises(PilotError, match="needs a pretrained tag"):
         create_backbone("open_clip:pilot-tiny-clip", pretrained=True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(PilotError, match="Could not load open_clip weights"):
+    with pytest.raises(PilotError, match="no pretrained tag 'no-such-tag'"):
         create_backbone("open_clip:pilot-tiny-clip:no-such-tag", pretrained=True)
 
 

@@ -137,6 +137,29 @@ def test_repo_configs_load():
         load_config(path)
 
 
+def test_pilots_own_configs_run_on_the_machine_they_find_without_a_warning(monkeypatch):
+    """quickstart and the small protocols (P0, P1) use CUDA where there is one, else the CPU, silently; so does a
+    config that names no device. PILOT's own files keep their GPU ids (and warn on a CPU)."""
+    import torch
+
+    from pilot.assembly import resolve_device
+
+    exps = Path(__file__).resolve().parents[1] / "exps"
+    own = sorted([*exps.glob("*quickstart.json"), *exps.glob("*_p0.json"), *exps.glob("*_p1.json")])
+    assert exps / "quickstart.json" in own and len(own) > 20
+    devices = {path.name: load_config(path).experiment.device for path in own}
+    for has_cuda, expected in ((False, "cpu"), (True, "cuda")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: has_cuda)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert resolve_device(devices["quickstart.json"]).type == expected
+            assert resolve_device(build_config({}).experiment.device).type == expected
+            assert all(resolve_device(device).type in ("cpu", expected) for device in devices.values())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="asks for CUDA, which is not available"):
+        assert resolve_device(load_config(exps / "l2p.json").experiment.device).type == "cpu"
+
+
 SLCA_JSON = Path(__file__).resolve().parents[1] / "exps" / "slca.json"
 
 
@@ -197,7 +220,7 @@ def test_reproduction_configs_load_and_comments_are_ignored():
 
 
 PILOT_METHOD_CONFIGS = ["ease", "mos", "fecam", "aper_ssf", "aper_vpt_deep", "aper_vpt_shallow", "finetune",
-                        "aper_finetune"]
+                        "aper_finetune", "icarl"]
 
 
 @pytest.mark.parametrize("name", PILOT_METHOD_CONFIGS)

@@ -1,5 +1,6 @@
 import pickle
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +50,20 @@ def test_missing_cifar_says_where_it_looked(tmp_path):
     with pytest.raises(PilotError, match="CIFAR-100 not found: looked at") as err:
         load_cifar100(str(tmp_path / "nowhere"), download=False, name="cifar224")
     assert "cifar-100-python.tar.gz" in str(err.value) and "download" in str(err.value)
+
+
+def test_a_failed_download_leaves_no_empty_folder_and_does_not_suggest_downloading(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(root, train, download):  # what torchvision does without internet: make the folder, then fail
+        Path(root).mkdir(parents=True, exist_ok=True)
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    with pytest.raises(PilotError, match="downloading it failed") as err:
+        load_cifar100(str(tmp_path / "data" / "cifar"), download=True, name="cifar224")
+    assert '"download": true' not in str(err.value) and "data_path" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_corrupt_pickle_is_a_clear_error(tmp_path):

@@ -13,6 +13,8 @@ from pilot.engine import Run
 
 from conftest import Killed, tiny_raw
 
+pytestmark = pytest.mark.slow  # every test starts torchrun's processes
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 

@@ -10,7 +10,7 @@ from pilot.data import TaskStream, load_dataset
 from pilot.engine import Run, run_experiment
 from pilot.statefile import load_state
 
-from conftest import Killed, die_at_task, tiny_raw
+from conftest import Killed, die_at_task, killed_then_resumed, tiny_raw
 
 
 def only_result(config, resume=False):
@@ -30,6 +30,37 @@ def test_end_to_end_outputs(tiny_config):
     assert (run_dir / "metrics.csv").read_text().count("\n") == 5
     assert (run_dir / "run.log").is_file() and any((run_dir / "tensorboard").iterdir())
     assert not list(run_dir.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_tasks_are_numbered_from_1_in_every_output(tiny_config, capsys):
+    config = tiny_config()
+    resumed = killed_then_resumed(config)
+    run_dir = engine.run_directory(config.experiment, 1)
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("task,") and [row.split(",")[0] for row in rows[1:]] == ["1", "2", "3", "4"]
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["format"] == "pilot-results/2" and [row["task"] for row in saved["per_task"]] == [1, 2, 3, 4]
+    assert [row["task"] for row in resumed["per_task"]] == [1, 2, 3, 4]
+    assert "task 4/4 classes 10" in capsys.readouterr().err
+    run = Run(config)
+    run._restore_rows([{"task": 0, "accuracy": 90.0}, {"task": 1, "accuracy": 80.0}])  # an earlier version's rows
+    assert run.rows == [{"task": 1, "accuracy": 90.0}, {"task": 2, "accuracy": 80.0}]
+
+
+def test_phases_log_whole_lines_and_a_full_size_cpu_run_estimates_its_time(tiny_config, capsys, monkeypatch):
+    """Progress bars are for a terminal: run.log and redirected output get one line per finished phase (no
+    carriage return), and a full-size run on the CPU one line with its time and the way to the P1 subset."""
+    monkeypatch.setattr(engine, "SLOW_PASS_SECONDS", 0.0)  # this tiny run's pass counts as long
+    config = tiny_config(model_name="finetune", init_epoch=1, epochs=1, init_milestones=[], milestones=[], batch_size=4,
+                         eval_batch_size=4, max_tasks=2, progress=True)
+    only_result(config)
+    log = (engine.run_directory(config.experiment, 1) / "run.log").read_text()
+    err = capsys.readouterr().err
+    for text in (log, err):
+        assert "\r" not in text and "it/s" not in text
+        assert sum("full size on the CPU" in line for line in text.splitlines()) == 1
+        assert "--config exps/finetune_p1.json, or --set train_per_class=50" in text
+    assert "task 1 epoch 1/1: 32 images in 8 batches" in log and "mean loss" in log
 
 
 def test_each_image_is_encoded_once(tiny_config):
@@ -108,13 +139,16 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, capsys, ov
 
 
 def test_weights_missing_offline_via_cli(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     path = tmp_path / "config.json"
     path.write_text(json.dumps(tiny_raw(tmp_path, pretrained=True, weights_dir=str(tmp_path))))
     assert main(["--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "Could not load weights" in err and "pretrained_path" in err
+    assert f"'{tmp_path / 'vit_tiny_patch16_224.safetensors'}'" in err and "PILOT_WEIGHTS_DIR" in err
     assert not (tmp_path / "logs").exists()
 
 
@@ -181,6 +215,18 @@ def test_help_and_console_script(capsys):
     assert "--resume" in out and "--set KEY=VALUE" in out and "exps/quickstart.json" in out
     scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
     assert scripts.get("pilot") == "pilot.cli:main"
+
+
+def test_help_lists_every_subcommand_with_its_purpose(capsys):
+    from pilot.cli import COMMANDS, SUBCOMMANDS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    usage = out[: out.index("\n\n")]
+    assert set(COMMANDS) == set(SUBCOMMANDS)
+    for name, purpose in COMMANDS.items():
+        assert name in usage and f"  {name} " in out and purpose in out
 
 
 def test_corrupt_dataset_via_cli_writes_nothing(tmp_path, capsys):

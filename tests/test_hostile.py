@@ -53,6 +53,7 @@ def probe_raw(folder: Path) -> dict:
     return tiny_raw(folder, model_name="linear_probe", tuned_epoch=2, batch_size=4, synthetic_per_class=4)
 
 
+@pytest.mark.slow
 @correct_result
 def test_sigterm_during_training_records_an_interruption_frees_the_lock_and_resumes(tmp_path):
     (uninterrupted,) = run_experiment(build_config(probe_raw(tmp_path / "full")))

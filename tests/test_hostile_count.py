@@ -57,5 +57,6 @@ def test_each_case_is_counted_by_how_it_ended(tmp_path):
         "  silently wrong: test_cases.py::test_finished_where_it_should_have_been_refused (Failed: DID NOT RAISE "
         "<class 'test_cases.Refused'>)",
         "  silently wrong: test_cases.py::test_wrong_number (assert (1 + 1) == 3)",
-        "  raw traceback: test_cases.py::test_escaped (KeyError: 'key')"])
+        "  raw traceback: test_cases.py::test_escaped (KeyError: 'key')",
+        "  skipped: test_cases.py::test_needs_assets (Skipped: assets absent)"])
     assert done.returncode == 1

@@ -109,6 +109,7 @@ def test_bad_settings_are_clear_errors(tmp_path, overrides, message):
         Run(build_config(lae_raw(tmp_path, **overrides)))
 
 
+@pytest.mark.slow
 @requires_assets
 def test_real_deit_tiny_smoke(tmp_path):
     """Real weights and images through both PETs (P1 measures accuracy)."""

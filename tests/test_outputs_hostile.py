@@ -12,7 +12,7 @@ from pilot.cli import main
 from pilot.configure import build_config
 from pilot.data.names import folder_class_name
 from pilot.engine import run_experiment
-from pilot.evaluate import _require_same_classes
+from pilot.evaluation import _require_same_classes
 from pilot.outputs import WriteFailed, atomic_write_text
 from pilot.runlock import LOCK_NAME, run_lock
 

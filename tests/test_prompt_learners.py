@@ -83,6 +83,7 @@ def test_prompt_layers_outside_the_backbone_are_a_clear_error(tmp_path):
         Run(build_config(tiny_raw(tmp_path, model_name="dualprompt")))
 
 
+@pytest.mark.slow
 @requires_assets
 @pytest.mark.parametrize("name", PROMPT_LEARNERS)
 def test_real_deit_tiny_smoke(tmp_path, name):

@@ -119,6 +119,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     assert_resume_matches_uninterrupted(lambda folder: ranpac_config(tmp_path / folder))
 
 
+@pytest.mark.slow
 @requires_assets
 def test_on_real_weights_and_data(tmp_path):
     config = build_config(real_raw(

@@ -7,7 +7,7 @@ from pilot.engine import Run, run_experiment
 
 from conftest import DEIT_WEIGHTS, real_raw, requires_assets
 
-pytestmark = requires_assets
+pytestmark = [requires_assets, pytest.mark.slow]
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from pilot.cli import main
 from pilot.configure import build_config
 from pilot.engine import CHECKPOINT, CHECKPOINT_KIND, Run, run_experiment
 from pilot.errors import PilotError
-from pilot.evaluate import evaluate_run
+from pilot.evaluation import evaluate_run
 from pilot.runlock import LOCK_NAME, RunLocked, run_lock
 from pilot.statefile import load_state
 
@@ -399,6 +399,7 @@ def killable_raw(folder: Path) -> dict:
                     feature_cache_dir=str(folder / "cache"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", KILLS)
 @correct_result
 def test_kill_9_then_resume_ends_as_an_uninterrupted_run_with_no_file_truncated(tmp_path, point, uninterrupted):

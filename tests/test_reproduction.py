@@ -189,9 +189,9 @@ def test_selection_diagnostics_are_logged_and_recorded(tmp_path, batchwise):
     assert dual["batch_dependent_evaluation"] is batchwise and l2p["batch_dependent_evaluation"] is batchwise
     for row in dual["per_task"]:
         assert 0 <= row["task_identification_accuracy"] <= 100
-    for row in l2p["per_task"]:
+    for row in l2p["per_task"]:  # tasks count from 1
         usage = row["prompt_usage"]
-        assert len(usage) == 10 and sum(usage) == 5 * sum(4 * 4 if t == 0 else 4 * 2 for t in range(row["task"] + 1))
+        assert len(usage) == 10 and sum(usage) == 5 * sum(4 * 4 if t == 0 else 4 * 2 for t in range(row["task"]))
     log = next((tmp_path / "dual").rglob("run.log")).read_text()
     assert "task 4 task identification accuracy" in log
 

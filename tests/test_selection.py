@@ -203,6 +203,7 @@ def test_pilot_select_refuses_bad_requests(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @requires_assets
 def test_on_real_data_every_estimator_prefers_the_pretrained_deit_to_its_random_twin(tmp_path):
     from pilot.selection import select

@@ -136,6 +136,7 @@ def test_late_milestones_warn_and_single_image_classes_are_clear_errors(tmp_path
         slca_run(tmp_path, train_per_class=1)
 
 
+@pytest.mark.slow
 @requires_assets
 @pytest.mark.parametrize("learner", ["slca", "cofima"])
 def test_real_deit_tiny_smoke(tmp_path, learner):

@@ -116,6 +116,7 @@ def test_without_ray_the_runs_go_one_by_one(tmp_path):
     assert len([line for line in lines if line.startswith("[")]) == 2  # a progress line per finished run
 
 
+@pytest.mark.slow
 @correct_result
 def test_a_killed_sweep_completes_on_rerun_as_if_uninterrupted(tmp_path):
     config = sweep_config(tmp_path, seed=[1, 2, 3], tuned_epoch=2, model_name="linear_probe")

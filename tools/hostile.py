@@ -30,6 +30,7 @@ class OutcomeCounter:
     def __init__(self) -> None:
         self.outcomes: dict[str, str] = {}
         self.failures: list[str] = []
+        self.skips: list[str] = []
 
     def pytest_configure(self, config) -> None:
         config.addinivalue_line("markers", "hostile(outcome): a hostile-input case and its expected outcome")
@@ -45,6 +46,7 @@ class OutcomeCounter:
             raise pytest.UsageError(f"{item.nodeid}: hostile outcome must be one of {OUTCOMES}, got {expected!r}")
         if report.skipped:
             self.outcomes[item.nodeid] = "skipped"
+            self.skips.append(f"skipped: {item.nodeid} ({report.longrepr[-1]})")
         elif report.failed:
             self.outcomes[item.nodeid] = _failure_kind(call.excinfo)
             crash = getattr(report.longrepr, "reprcrash", None)
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nhostile inputs: {len(counter.outcomes)} cases")
     for outcome, heading in HEADINGS.items():
         print(f"  {heading:<16} {counts[outcome]:>4}")
-    for line in counter.failures:
+    for line in counter.failures + counter.skips:
         print(f"  {line}")
     return int(any(counts[failure] for failure in FAILURES))
 

@@ -5,6 +5,7 @@ dataset's own class indices (the task stream reorders classes afterwards).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import tarfile
@@ -91,9 +92,9 @@ class SourceDataset:
 CIFAR_HELP = (
     "Put the official CIFAR-100 python release there: the folder 'cifar-100-python' (with train, "
     "test, meta) or the archive 'cifar-100-python.tar.gz' from https://www.cs.toronto.edu/~kriz/"
-    "cifar.html, or set data_path to the folder or archive, or set \"download\": true on a machine "
-    "with internet."
+    "cifar.html, or set data_path (or PILOT_DATA_DIR) to the folder or archive."
 )
+DOWNLOAD_HINT = " Or set \"download\": true on a machine with internet."
 
 
 def _cifar_candidates(root: Path) -> list[Path]:
@@ -110,11 +111,16 @@ def _find_cifar(root: Path) -> Path | None:
 
 
 def _download_cifar(root: Path) -> None:
+    """torchvision's download into ``root``; where it fails, the folders it made for it go (they stay empty)."""
     from torchvision.datasets import CIFAR100
 
+    made = [folder for folder in (root, *root.parents) if not folder.exists()]
     try:
         CIFAR100(str(root), train=True, download=True)
     except Exception as err:  # network errors come in many types
+        for folder in made:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise PilotError(
             f"CIFAR-100 was not found under '{root}' and downloading it failed ({type(err).__name__}: "
             f"{err}). {CIFAR_HELP}"
@@ -186,7 +192,7 @@ def load_cifar100(data_path: str, download: bool, name: str) -> SourceDataset:
         location = _find_cifar(root)
     if location is None:
         looked = ", ".join(f"'{c}'" for c in _cifar_candidates(root))
-        raise PilotError(f"CIFAR-100 not found: looked at {looked}. {CIFAR_HELP}")
+        raise PilotError(f"CIFAR-100 not found: looked at {looked}. {CIFAR_HELP}{DOWNLOAD_HINT}")
     read = _cifar_reader(location)
     meta = _unpickle(read, "meta", location)
     train = _cifar_split(_unpickle(read, "train", location), location, "train")

@@ -79,6 +79,10 @@ class Learner:
         test transform); the frozen backbone's by default."""
         return self.ctx.features(split)
 
+    def memory_updated(self, task: Task) -> None:
+        """After the loop has filled the memory for ``task`` (the task's images and the exemplars still
+        readable): what a method derives from the exemplars, e.g. iCaRL's class means."""
+
     def predict(self, split: Split) -> torch.Tensor:
         """Logits ``[len(split), classes seen]`` (CPU); the argmax is the prediction."""
         raise NotImplementedError

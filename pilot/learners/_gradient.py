@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from pilot.config import LearnerConfig
 from pilot.data.stream import Split, Task
@@ -265,13 +264,14 @@ class GradientLearner(Learner):
         self.set_train_mode(True)
         for epoch in range(config.tuned_epoch):
             self.begin_epoch(task, epoch)
-            progress = tqdm(self.training_batches(task, loader), desc=f"task {task.index + 1} epoch {epoch + 1}/{config.tuned_epoch}",
-                            disable=not ctx.experiment.progress, leave=False)
-            for step, (images, labels, _) in enumerate(progress):
+            phase = ctx.progress(self.training_batches(task, loader),
+                                 f"task {task.index + 1} epoch {epoch + 1}/{config.tuned_epoch}")
+            total_loss = 0.0
+            for step, (images, labels, _) in enumerate(phase):
                 self.position = f"{self.task_tag}, epoch {epoch + 1}, step {step + 1}"
-                loss = self.train_step(images.to(ctx.device), labels.to(ctx.device), task, optimizer, parameters,
-                                       config.clip_grad)
-                progress.set_postfix(loss=f"{loss:.3f}")
+                total_loss += self.train_step(images.to(ctx.device), labels.to(ctx.device), task, optimizer,
+                                              parameters, config.clip_grad)
+                phase.note(mean_loss=f"{total_loss / (step + 1):.3f}")
             scheduler.step()
         self.set_train_mode(False)
 
