@@ -95,6 +95,21 @@ class RunResult:
         pandas = _pandas()
         return pandas.DataFrame([{key: row.get(key) for key in ROW_FIELDS} for row in self.record["per_task"]])
 
+    def plot(self, kind: str = "curve", ax: Any = None) -> Any:
+        """A matplotlib figure of this run: ``"curve"`` (accuracy after each task; on ``ax``, curves of several
+        calls overlay), ``"matrix"`` (R[t, j]) or ``"forgetting"`` (per task), as ``tools/plot.py`` draws them."""
+        from pilot import plots
+
+        runs = [self.record]
+        if kind == "curve":  # on given axes, the axes' next colour, so that several runs' curves differ
+            colours: dict[int, Any] = {id(self.record): None} if ax is not None else plots.run_colours(runs)
+            return plots.draw_curves(runs, colours, ax)
+        if kind == "matrix":
+            return plots.draw_matrix(self.record, ax)
+        if kind == "forgetting":
+            return plots.draw_forgetting(runs, plots.run_colours(runs), ax)
+        raise PilotError(f"plot kind must be 'curve', 'matrix' or 'forgetting', got {kind!r}.")
+
     def __repr__(self) -> str:
         average = "-" if self.average is None else f"{self.average:.2f}"
         last = "-" if self.last is None else f"{self.last:.2f}"
@@ -142,6 +157,18 @@ class ResultSet:
         """One row per seed and task (``pip install pandas``)."""
         pandas = _pandas()
         return pandas.concat([run.to_frame().assign(seed=run.seed) for run in self.runs], ignore_index=True)
+
+    def plot(self, kind: str = "curve", ax: Any = None) -> Any:
+        """A matplotlib figure of the seeds: ``"curve"`` (the mean curve with a ±std band) or ``"forgetting"``
+        (per task, seeds side by side), as ``tools/plot.py`` draws them."""
+        from pilot import plots
+
+        records = [run.record for run in self.runs]
+        if kind == "curve":
+            return plots.draw_mean_curves(records, plots.run_colours(records), ax)
+        if kind == "forgetting":
+            return plots.draw_forgetting(records, plots.run_colours(records), ax)
+        raise PilotError(f"plot kind must be 'curve' or 'forgetting', got {kind!r}.")
 
     def __repr__(self) -> str:
         mean, std = self.average

@@ -232,7 +232,7 @@ def _check_learner_fits(learner_cls: type, exp: ExperimentConfig) -> None:
     if exp.scenario not in learner_cls.scenarios:
         why = f": {learner_cls.domain_refusal}" if exp.scenario == "domain" else ""
         raise PilotError(f"{name} does not support scenario \"{exp.scenario}\"{why}. It supports "
-                         f"{', '.join(learner_cls.scenarios)}; the README's learner table lists each learner's scenarios.")
+                         f"{', '.join(learner_cls.scenarios)}; docs/learners.md lists each learner's scenarios.")
     if exp.domain_order and exp.scenario != "domain":
         raise PilotError(f"domain_order orders a domain stream, but scenario is \"{exp.scenario}\": set scenario to "
                          f"\"domain\" or remove domain_order.")

@@ -14,7 +14,7 @@ CIFAR_ARCHIVE = ASSETS / "cifar-100-python.tar.gz"
 
 requires_assets = pytest.mark.skipif(
     not (DEIT_WEIGHTS.is_file() and CIFAR_ARCHIVE.is_file()),
-    reason=f"real assets not found at {ASSETS} (DeiT-Tiny weights and CIFAR-100 archive; see README 'Tests')",
+    reason=f"real assets not found at {ASSETS} (DeiT-Tiny weights and CIFAR-100 archive; see docs/tests.md)",
 )
 
 # A hostile input's expected outcome, counted by tools/hostile.py: refused with a clear error, or a correct result.

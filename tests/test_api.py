@@ -87,3 +87,26 @@ def test_config_for_lists_every_field_with_its_default_and_why():
         assert [item["key"] for item in pilot.config_for(name)] == fields
     learners = pilot.list_learners()
     assert {"simplecil", "l2p", "replay"} <= set(learners) and all(learners.values())
+
+
+def test_plot_returns_a_figure_of_each_kind(two_seeds):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, results, _ = two_seeds
+    for kind in ("curve", "matrix", "forgetting"):
+        figure = results[0].plot(kind)
+        assert isinstance(figure, matplotlib.figure.Figure) and figure.axes
+    fig, ax = plt.subplots()
+    assert results[0].plot("curve", ax=ax) is fig and results[1].plot("curve", ax=ax) is fig
+    first, second = ax.get_lines()
+    assert first.get_color() != second.get_color()  # two runs on one axes keep apart
+    assert list(first.get_ydata()) == results[0].curve
+    band = results.plot()
+    assert band.axes[0].collections  # the ±std band
+    assert results.plot("forgetting").axes[0].patches
+    with pytest.raises(pilot.PilotError, match="plot kind"):
+        results[0].plot("pie")
+    plt.close("all")

@@ -72,7 +72,7 @@ def test_plot_names_the_extra_to_install_without_matplotlib(tmp_path):
     code = (f"import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['plot.py', {str(tmp_path)!r}]; "
             f"runpy.run_path({str(PLOT)!r}, run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 1 and '".[plot]"' in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 1 and '".[plots]"' in done.stderr and "Traceback" not in done.stderr
 
 
 def test_plot_without_runs_is_an_error(tmp_path):

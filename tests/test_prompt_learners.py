@@ -87,7 +87,7 @@ def test_prompt_layers_outside_the_backbone_are_a_clear_error(tmp_path):
 @requires_assets
 @pytest.mark.parametrize("name", PROMPT_LEARNERS)
 def test_real_deit_tiny_smoke(tmp_path, name):
-    """Real weights and images through the whole path; accuracy is checked on protocol P1 (README)."""
+    """Real weights and images through the whole path; accuracy is checked on protocol P1 (docs/benchmarks.md)."""
     config = build_config(real_raw(
         tmp_path, model_name=name, train_per_class=2, test_per_class=2, max_tasks=1,
         tuned_epoch=1, batch_size=10,

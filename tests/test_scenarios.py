@@ -211,7 +211,7 @@ DOMAIN_LEARNERS = {
 
 @pytest.mark.parametrize("learner", list(DOMAIN_LEARNERS))
 def test_learners_that_support_domain_streams_run_one(tmp_path, learner):
-    """Every learner the README lists for domain streams runs one (SimpleCIL and L2P are checked above):
+    """Every learner docs/learners.md lists for domain streams runs one (SimpleCIL and L2P are checked above):
     logits over every class in every task, one row of the matrix per domain."""
     results = Run(build_config(tiny_raw(tmp_path, model_name=learner, **{**DOMAINS, **DOMAIN_LEARNERS[learner]}))).execute()
     assert results["status"] == "complete" and results["completed_tasks"] == 3

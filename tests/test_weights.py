@@ -16,7 +16,7 @@ from test_backbones import register_tiny_open_clip
 TINY = "vit_tiny_patch16_224"
 DEIT = "deit_tiny_patch16_224"
 requires_deit = pytest.mark.skipif(not DEIT_WEIGHTS.is_file(),
-                                   reason=f"DeiT-Tiny weights not found at {DEIT_WEIGHTS} (see README 'Tests')")
+                                   reason=f"DeiT-Tiny weights not found at {DEIT_WEIGHTS} (see docs/tests.md)")
 
 
 def tiny_weights(tmp_path, name="tiny.safetensors", change=lambda tensors: None) -> str:

@@ -1,6 +1,6 @@
 """Benchmark: a frozen-feature learner's whole run against bare backbone passes over the same images.
 
-Reference protocol P0 (README): cifar224, B0 Inc10, seed 1993, DeiT-Tiny, first 20 training and
+Reference protocol P0 (docs/benchmarks.md): cifar224, B0 Inc10, seed 1993, DeiT-Tiny, first 20 training and
 first 10 test images per class. Learners: ``simplecil``, ``ranpac`` (no adaptation, M = 10000),
 ``aper_adapter`` (adapters trained 1 epoch on the first task; its two branches, pretrained and
 adapted, each encode every image once, so its bare cost is two passes per image, and the

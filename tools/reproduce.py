@@ -1,4 +1,4 @@
-"""Run learners on a small protocol in several profiles and print the gap table (README, "Reproducing").
+"""Run learners on a small protocol in several profiles and print the gap table (docs/reproducing.md).
 
 Profiles, per learner, all on the protocol of ``exps/<learner>_<protocol>.json`` (P1 by default):
 

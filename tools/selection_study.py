@@ -1,4 +1,4 @@
-"""Do the transferability estimators rank backbones as continual learning does? (README, "Choosing
+"""Do the transferability estimators rank backbones as continual learning does? (docs/backbones.md, "Choosing
 the backbone").
 
 For each candidate: ``pilot select``'s scores on the first task's training images (one sitting, a

@@ -237,8 +237,8 @@ def load_folder(data_path: str, name: str, parts: tuple[str, ...] = ("train", "t
     if not all(dirs[part].is_dir() for part in parts):
         raise PilotError(
             f"Dataset '{name}' not found: expected the folders {' and '.join(repr(str(dirs[p])) for p in parts)}, "
-            f"each with one sub-folder of images per class (PILOT's layout). Download the dataset (see the README's "
-            f"dataset table) and set data_path to the folder that holds "
+            f"each with one sub-folder of images per class (PILOT's layout). Download the dataset (see the "
+            f"table in docs/datasets.md) and set data_path to the folder that holds "
             f"'{FOLDER_DATASETS[name] or ' and '.join(f'{p}/' for p in parts)}'."
         )
     # sorted as NFC: a copy from macOS (NFD) keeps the class order

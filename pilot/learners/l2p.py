@@ -1,7 +1,7 @@
 """L2P (Wang et al., CVPR 2022): a pool of prompts with learnable keys; each image picks the top-k
 prompts whose keys best match its query and prepends them to its patch tokens; the head reads
 the mean of the prompt tokens' outputs. The official code gives each prompt token the [CLS]
-token's position embedding: ``prompt_position: "cls"`` (off by default, measured in the README).
+token's position embedding: ``prompt_position: "cls"`` (off by default, measured in docs/reproducing.md).
 Defaults: PILOT's exps/l2p.json and the official code."""
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class L2PConfig(PoolPromptConfig):
     pull_constraint: bool = True
     pull_constraint_coeff: float = 0.1
     # Position embedding of the prompt tokens: "none" adds nothing (a departure on purpose: on P1 with
-    # DeiT-Tiny, "cls" costs 45.5 points of average accuracy, README); "cls" adds the [CLS] token's to
+    # DeiT-Tiny, "cls" costs 45.5 points of average accuracy, docs/reproducing.md); "cls" adds the [CLS] token's to
     # each, as the official code and PILOT do through their resize_pos_embed.
     prompt_position: str = "none"
 
