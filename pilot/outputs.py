@@ -4,6 +4,7 @@ bars on a terminal, and a log line per finished phase."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import logging
@@ -140,6 +141,17 @@ def close_log(logger: logging.Logger) -> None:
 BatchWatcher = Callable[[int, int, float], None]
 
 
+def progress_bar() -> tuple[Callable[..., Any], bool]:
+    """The bar to draw and whether to draw it: a widget in a Jupyter notebook (where ipywidgets is installed),
+    text on a terminal, none where output is redirected (a log file gets the phase's line instead)."""
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    if type(shell).__name__ == "ZMQInteractiveShell" and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.notebook import tqdm as notebook_bar
+
+        return notebook_bar, True
+    return tqdm, sys.stderr.isatty()
+
+
 class Phase:
     """One phase of a run (an encoding pass, an epoch) over batches whose first item holds the images: a
     progress bar on a terminal and only there, then one line in the run's log when the phase ends, so
@@ -147,7 +159,8 @@ class Phase:
 
     def __init__(self, batches: Iterable, desc: str, log: logging.Logger, show_bar: bool = True,
                  watcher: Optional[BatchWatcher] = None):
-        self.bar = tqdm(batches, desc=desc, leave=False, disable=not (show_bar and sys.stderr.isatty()))
+        bar, shown = progress_bar()
+        self.bar = bar(batches, desc=desc, leave=False, disable=not (show_bar and shown))
         self.desc, self.log, self.watcher = desc, log, watcher
         self.values: dict[str, str] = {}
 

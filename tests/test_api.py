@@ -110,3 +110,23 @@ def test_plot_returns_a_figure_of_each_kind(two_seeds):
     with pytest.raises(pilot.PilotError, match="plot kind"):
         results[0].plot("pie")
     plt.close("all")
+
+
+def test_an_interrupted_run_is_recorded_and_resumes_to_the_uninterrupted_result(tmp_path, two_seeds, monkeypatch):
+    from pilot.learners.simplecil import SimpleCIL
+
+    fit = SimpleCIL.fit
+
+    def interrupted_at_task_3(self, task):
+        if task.index == 2:
+            raise KeyboardInterrupt  # what Ctrl-C, or a notebook kernel's interrupt, raises
+        fit(self, task)
+
+    monkeypatch.setattr(SimpleCIL, "fit", interrupted_at_task_3)
+    with pytest.raises(KeyboardInterrupt):
+        pilot.run(tiny_raw(tmp_path), progress=False)
+    (run_dir,) = [path.parent for path in (tmp_path / "logs").rglob("results.json")]
+    assert pilot.load(run_dir).status == "interrupted" and len(pilot.load(run_dir).curve) == 2
+    monkeypatch.setattr(SimpleCIL, "fit", fit)
+    resumed = pilot.run(tiny_raw(tmp_path), progress=False, resume=True)
+    assert resumed.status == "complete" and resumed.curve == two_seeds[1][0].curve

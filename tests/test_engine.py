@@ -1,5 +1,6 @@
 """The shared loop end to end on a tiny random ViT and synthetic images."""
 import json
+import sys
 
 import pytest
 import torch
@@ -240,3 +241,21 @@ def test_corrupt_dataset_via_cli_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "corrupt or truncated" in err and "Traceback" not in err
     assert not (tmp_path / "logs").exists()
+
+
+def test_progress_bars_are_widgets_in_a_notebook_text_on_a_terminal_and_none_when_redirected(monkeypatch):
+    import types
+
+    import tqdm
+    import tqdm.notebook
+
+    from pilot.outputs import progress_bar
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert progress_bar() == (tqdm.tqdm, False)  # redirected: run.log gets each phase's line instead
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert progress_bar() == (tqdm.tqdm, True)
+    kernel = type("ZMQInteractiveShell", (), {})()
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: kernel))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object() if name == "ipywidgets" else None)
+    assert progress_bar() == (tqdm.notebook.tqdm, True)
