@@ -261,7 +261,8 @@ def config_for(name: str) -> list[dict[str, Any]]:
 def _first_line(cls: type) -> str:
     import inspect
 
-    doc = inspect.getdoc(cls) or inspect.getdoc(inspect.getmodule(cls)) or ""
+    # The class's own docstring, else its module's: inspect.getdoc(cls) would fall back to a parent learner's.
+    doc = inspect.cleandoc(cls.__doc__ or "") or inspect.getdoc(inspect.getmodule(cls)) or ""
     return doc.strip().split("\n")[0]
 
 

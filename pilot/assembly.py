@@ -60,7 +60,8 @@ def load_stream(exp: ExperimentConfig, seed: int, parts: tuple[str, ...] = TRAIN
     dataset = load_dataset(exp, parts)
     stream = TaskStream(dataset, exp.init_cls, exp.increment, exp.shuffle, seed, exp.train_per_class,
                         exp.test_per_class, exp.max_tasks, checked=parts, scenario=exp.scenario,
-                        domain_order=tuple(exp.domain_order))
+                        domain_order=tuple(exp.domain_order), val_fraction=exp.val_fraction,
+                        val_per_class=exp.val_per_class)
     return dataset, stream
 
 

@@ -29,6 +29,7 @@ from unittest import mock
 import torch
 from torch import nn
 
+from pilot.clip import TextTower
 from pilot.data.transforms import DataConfig
 from pilot.digests import files_sha256
 from pilot.errors import PilotError
@@ -45,7 +46,7 @@ PILOT_BACKBONES = {
     "pretrained_vit_b16_224_in21k": "vit_base_patch16_224.augreg_in21k",
     "vit_base_patch16_224_in21k": "vit_base_patch16_224.augreg_in21k",
 }
-PILOT_METHOD_SUFFIXES = ("_l2p", "_dualprompt", "_coda_prompt", "_adapter", "_ssf", "_vpt", "_lae", "_ease", "_mos")
+PILOT_METHOD_SUFFIXES = ("_l2p", "_dualprompt", "_coda_prompt", "_adapter", "_ssf", "_vpt", "_lae", "_ease", "_mos", "_memo")
 
 WEIGHTS_HELP = (
     "Without internet, download the weights elsewhere and set \"pretrained_path\" to the local file "
@@ -72,12 +73,16 @@ class Backbone(nn.Module):
     the feature cache's key, and what results.json records.
     """
 
-    def __init__(self, model: nn.Module, data_config: DataConfig, feature_dim: int, identity: str):
+    def __init__(self, model: nn.Module, data_config: DataConfig, feature_dim: int, identity: str,
+                 text: Optional[TextTower] = None, text_missing: str = "it is a timm model"):
         super().__init__()
         self.model = model
         self.data_config = data_config
         self.feature_dim = feature_dim
         self.identity = identity
+        # An open_clip model's text side (tokenizer, text tower, logit_scale); None, and why, where there is none.
+        self.text = text
+        self.text_missing = "" if text is not None else text_missing
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -251,11 +256,32 @@ def _timm_backbone(name: str, pretrained: bool, path: Optional[Path], seed: int,
     return Backbone(model, data_config, model.num_features, identity)
 
 
+def _open_clip_name(model_name: str) -> tuple[str, dict]:
+    """An open_clip model name, or the path of a model config JSON file (open_clip's format: embed_dim,
+    vision_cfg, text_cfg), registered under its file name's stem; with the config that names the architecture."""
+    import open_clip
+
+    if not model_name.endswith(".json"):
+        return model_name, {}
+    path = Path(model_name).expanduser()
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PilotError(f"open_clip model config '{path}' cannot be read as JSON ({err}): give an open_clip model "
+                         f"name (open_clip.list_models()) or a JSON file with embed_dim, vision_cfg and text_cfg.") from None
+    if not isinstance(config, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= config.keys():
+        raise PilotError(f"open_clip model config '{path}' needs the keys embed_dim, vision_cfg and text_cfg "
+                         f"(open_clip's model config format).")
+    open_clip.add_model_config(path)
+    return path.stem, config
+
+
 def _open_clip_backbone(spec: str, pretrained: bool, path: Optional[Path], seed: int,
                         weights_dir: Optional[str]) -> Backbone:
     import open_clip
 
     model_name, _, tag = spec.partition(":")
+    model_name, architecture = _open_clip_name(model_name)
     if model_name not in open_clip.list_models():
         close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3, cutoff=0.5)
         hint = f" Closest open_clip models: {', '.join(close)}." if close else ""
@@ -266,12 +292,16 @@ def _open_clip_backbone(spec: str, pretrained: bool, path: Optional[Path], seed:
     if pretrained and path is None and tag not in tags:
         raise PilotError(f"open_clip has no pretrained tag '{tag}' for '{model_name}' (tags: {', '.join(tags) or 'none'}).")
     hub = tag if pretrained and path is None else None
+    text_missing = ""
     with _hub_downloads(hub is not None) as out_of_reach:
         try:
             model = open_clip.create_model(model_name, pretrained=hub, require_pretrained=hub is not None)
             if path is not None:  # only the image tower need fit: its features ignore the text side
                 with _strictly_into(model.visual, path, OPEN_CLIP_PREFIX + spec):
-                    open_clip.load_checkpoint(model, str(path), strict=False)
+                    loaded = open_clip.load_checkpoint(model, str(path), strict=False)
+                absent = [key for key in loaded.missing_keys if not key.startswith("visual.")]
+                if absent:
+                    text_missing = _listing(f"text-side tensor(s) missing from the weights file '{path}'", absent)
         except PilotError:
             raise
         except Exception as err:
@@ -287,9 +317,13 @@ def _open_clip_backbone(spec: str, pretrained: bool, path: Optional[Path], seed:
     size = cfg["size"][-1] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
     data_config = DataConfig(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
                              interpolation=cfg.get("interpolation", "bicubic"), crop_pct=1.0)
-    # backbone_args do not reach open_clip, so they are no part of its identity
-    identity = _identity(f"open_clip:{model_name}", {}, pretrained, path, seed, tag)
-    return Backbone(visual, data_config, visual.output_dim, identity)
+    # backbone_args do not reach open_clip, so they are no part of its identity; a config file's content is
+    identity = _identity(f"open_clip:{model_name}", architecture, pretrained, path, seed, tag)
+    text = None
+    if not text_missing:
+        vocab_size = open_clip.get_model_config(model_name)["text_cfg"].get("vocab_size", 49408)
+        text = TextTower(model, open_clip.get_tokenizer(model_name), vocab_size)
+    return Backbone(visual, data_config, visual.output_dim, identity, text, text_missing)
 
 
 class BackboneSet(nn.Module):

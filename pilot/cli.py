@@ -24,6 +24,7 @@ COMMANDS = {
     "summarize": "tabulate finished runs: mean ± std over seeds, as Markdown, CSV or LaTeX",
     "evaluate": "score a run's last checkpoint again, e.g. on a shifted copy of its test set",
     "select": "rank candidate backbones for a config's data before running it",
+    "data": "list, download (or take --from a local copy), verify and split the benchmark datasets",
 }
 
 USAGE = ("pilot --config FILE [--set KEY=VALUE ...] [--resume | --restart] [--quiet]\n"
@@ -47,6 +48,7 @@ Plot runs with: python tools/plot.py <run dirs...>
   pilot summarize logs/            # mean ± std over seeds: Markdown, --csv, --latex
   pilot evaluate <run dir> --data-path shifted/   # the run's last checkpoint on another test set
   pilot select --config exps/simplecil_p0.json --candidates deit_tiny_patch16_224,random:deit_tiny_patch16_224
+  pilot data get imagenetr --root data     # download, check, split; pilot data list shows every dataset
 """
 
 SWEEP_EPILOG = """Each run of the cross product of each config's seeds and the grid gets its own run directory (the
@@ -122,18 +124,23 @@ def summarize_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="also write the table as CSV to this file")
     p.add_argument("--latex", help="also write the table as a LaTeX tabular to this file")
     p.add_argument("--runs", action="store_true", help="print one row per run before the table")
+    p.add_argument("--select", choices=["val"],
+                   help="val: of each learner, dataset, protocol and backbone, only the setting (grid point) with the "
+                        "best mean validation Ā (runs with val_fraction or val_per_class), chosen without test accuracy")
     return p
 
 
 def run_summarize(argv: list[str]) -> int:
     from pilot.outputs import atomic_write_text
-    from pilot.summary import load_runs, latex, markdown, run_table, summarize, to_csv
+    from pilot.summary import load_runs, latex, markdown, run_table, select_by_validation, summarize, to_csv
 
     args = summarize_parser().parse_args(argv)
     _, runs = load_runs(args.paths)
     rows = summarize(runs)
     if not rows:
         raise PilotError(f"no complete run (results.json with status complete) under {', '.join(args.paths)}.")
+    if args.select == "val":
+        rows = select_by_validation(rows)
     if args.runs:
         print(run_table(runs))
     print(markdown(rows))
@@ -209,7 +216,47 @@ def run_select(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"sweep": run_sweep, "summarize": run_summarize, "evaluate": run_evaluate, "select": run_select}
+def data_parser() -> argparse.ArgumentParser:
+    from pilot.data.fetch import default_root
+
+    p = argparse.ArgumentParser(prog="pilot data", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="The benchmark datasets: list them, get one (download, or --from a "
+                                            "local copy), verify one. docs/datasets.md describes each.",
+                                epilog="examples:\n  pilot data list\n  pilot data get imagenetr --root data\n"
+                                       "  pilot data get cub --root data --from ~/Downloads/CUB_200_2011.tgz\n"
+                                       "  pilot data verify cub --root data")
+    commands = p.add_subparsers(dest="action", required=True, metavar="{list,get,verify}")
+    root_help = f"the folder that holds the datasets, a config's data_path (default: PILOT_DATA_DIR or ./data, now '{default_root()}')"
+    listed = commands.add_parser("list", help="every dataset: source, size, classes, split, licence, state here")
+    listed.add_argument("--root", default=default_root(), help=root_help)
+    get = commands.add_parser("get", help="download (resuming) or take --from, check sha256, extract, split")
+    get.add_argument("name")
+    get.add_argument("--root", default=default_root(), help=root_help)
+    get.add_argument("--from", dest="source", metavar="FILE_OR_DIR",
+                     help="a local copy of the archive (or the folder holding the archives): for offline machines")
+    get.add_argument("--pilot-archive", action="store_true",
+                     help="--from is PILOT's own archive (train/ and test/ inside), whose split it keeps")
+    verify = commands.add_parser("verify", help="re-hash a prepared dataset: names any missing, changed or extra file")
+    verify.add_argument("name")
+    verify.add_argument("--root", default=default_root(), help=root_help)
+    return p
+
+
+def run_data(argv: list[str]) -> int:
+    from pilot.data import fetch
+
+    args = data_parser().parse_args(argv)
+    if args.action == "list":
+        print(fetch.listing(args.root))
+    elif args.action == "get":
+        fetch.get(args.name, args.root, args.source, args.pilot_archive)
+    else:
+        fetch.verify(args.name, args.root)
+    return 0
+
+
+SUBCOMMANDS = {"sweep": run_sweep, "summarize": run_summarize, "evaluate": run_evaluate, "select": run_select,
+               "data": run_data}
 
 
 class Terminated(BaseException):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from pilot.clip import check_text_backbone, resolve_templates
 from pilot.data.stream import SCENARIOS
 from pilot.errors import PilotError
 
@@ -38,11 +39,15 @@ IGNORED_PILOT_KEYS = frozenset({
     "batchwise_prompt",
     # MOS's config lists the choices of ca_storage_efficient_method beside the key; pilot checks the value.
     "ca_storage_efficient_method_choices",
+    # PILOT's der.json carries iCaRL's distillation temperature, which its DER does not read; memo.json's debug
+    # switch is read nowhere in PILOT.
+    "T", "debug",
 })
 
 # PILOT's learners name one setting differently (SLCA: epochs, lrate, lrate_decay): each alias is
 # accepted for the learner field it names; results.json records the field's name.
-PILOT_KEY_ALIASES = {"epochs": "tuned_epoch", "lrate": "init_lr", "lrate_decay": "lr_decay"}
+# DGR's "lambda" is a Python keyword, so its field is lambda_kd.
+PILOT_KEY_ALIASES = {"epochs": "tuned_epoch", "lrate": "init_lr", "lrate_decay": "lr_decay", "lambda": "lambda_kd"}
 
 
 @dataclass
@@ -59,6 +64,9 @@ class ExperimentConfig:
     # Human-readable class names in the dataset's class order: a list, or a JSON file holding one;
     # empty = the dataset's own (CIFAR's meta file, folder names, WordNet names).
     class_names: Union[str, list[str]] = ""
+    # CLIP prompt templates, each with one "{}" for the class name: a list, or a JSON file holding one;
+    # empty = the dataset's set in PROOF's code (18 for CIFAR-100, 7 for ImageNet-R, 1 for CUB; pilot/clip.py).
+    templates: Union[str, list[str]] = ""
     prefix: str = ""
     shuffle: bool = True
     init_cls: int = 10
@@ -88,6 +96,10 @@ class ExperimentConfig:
     test_per_class: int = 0
     # Stop after this many tasks; 0 = all.
     max_tasks: int = 0
+    # Validation images carved per class out of each task's training images, by seed (for choosing settings
+    # without test accuracy; results.json records both): a fraction, or a count per class. 0 = none (PILOT).
+    val_fraction: float = 0.0
+    val_per_class: int = 0
     # Synthetic dataset size (tests): classes, images per class, image side.
     synthetic_classes: int = 10
     synthetic_per_class: int = 8
@@ -216,9 +228,15 @@ def _validate_experiment(exp: ExperimentConfig) -> None:
     for key in ("train_per_class", "test_per_class", "max_tasks", "num_workers"):
         if getattr(exp, key) < 0:
             raise PilotError(f"{key} must be 0 (no limit) or positive (got {getattr(exp, key)}).")
+    if not 0 <= exp.val_fraction < 1 or exp.val_per_class < 0 or (exp.val_fraction and exp.val_per_class):
+        raise PilotError(f"val_fraction must be in [0, 1) and val_per_class at least 0, one of them set at most "
+                         f"(got {exp.val_fraction} and {exp.val_per_class}): 0.1 keeps a tenth of each class's training "
+                         f"images for validation.")
     for key in ("synthetic_classes", "synthetic_per_class", "synthetic_image_size", "synthetic_domains"):
         if getattr(exp, key) < 1:
             raise PilotError(f"{key} must be at least 1 (got {getattr(exp, key)}).")
+    if exp.templates:
+        resolve_templates(exp.templates, exp.dataset)
     for key, name in (("prefix", exp.prefix.strip()), ("dataset", exp.dataset), ("model_name", exp.model_name),
                       ("backbone_type", backbone_path_part(exp.backbone_type))):
         _require_path_part(key, name)
@@ -236,6 +254,8 @@ def _check_learner_fits(learner_cls: type, exp: ExperimentConfig) -> None:
     if exp.domain_order and exp.scenario != "domain":
         raise PilotError(f"domain_order orders a domain stream, but scenario is \"{exp.scenario}\": set scenario to "
                          f"\"domain\" or remove domain_order.")
+    if learner_cls.needs_text:
+        check_text_backbone(name, exp.backbone_type)
     if not learner_cls.uses_memory and (exp.memory_size or exp.memory_per_class):
         warnings.warn(f"'{name}' is exemplar-free: it stores no exemplars, so memory_size ({exp.memory_size}) and "
                       f"memory_per_class ({exp.memory_per_class}) are ignored.", stacklevel=4)
@@ -294,7 +314,11 @@ def assemble_config(learner_cls: type, raw: dict[str, Any], overrides: dict[str,
     _check_learner_fits(learner_cls, experiment)
     learner = _build(learner_cls.config_class, learner_values)
     learner_cls.validate_config(learner)
-    if isinstance(experiment.backbone_type, list) and not learner_cls.frozen_features(learner):
+    roles = learner_cls.backbone_roles  # a learner built on several backbones, one per role
+    if roles and (not isinstance(experiment.backbone_type, list) or len(experiment.backbone_type) != len(roles)):
+        raise PilotError(f"{model_name} runs on {len(roles)} backbones: set backbone_type to a list of "
+                         f"{', then '.join(roles)}; got {experiment.backbone_type!r}.")
+    if isinstance(experiment.backbone_type, list) and not roles and not learner_cls.frozen_features(learner):
         raise PilotError(f"backbone_type lists several backbones, whose features only a learner that keeps the "
                          f"backbone frozen can use (simplecil, linear_probe; ranpac, fecam and the aper family with "
                          f"tuned_epoch 0); '{model_name}' so configured adapts or trains the backbone. Give one "

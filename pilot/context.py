@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pilot.backbones import Backbone, BackboneSet
+from pilot.clip import TextFeatures, resolve_templates
 from pilot.config import ExperimentConfig
 from pilot.data import SourceDataset, Split, TaskStream
 from pilot.data.loader import make_loader
@@ -133,6 +134,12 @@ class RunContext:
                 for member in backbone.members])
         else:
             self.features = self.feature_store(backbone, backbone.identity)
+        # CLIP's text side (an open_clip backbone): the prompt templates, and the text features of prompts,
+        # each encoded once (``text_features(names, templates)``); None for a backbone without a text tower.
+        self.templates = resolve_templates(experiment.templates, dataset.name)
+        text = getattr(backbone, "text", None)
+        self.text_features = None if text is None else TextFeatures(text, backbone.identity, device,
+                                                                     experiment.feature_cache_dir or None)
 
     @property
     def class_names(self) -> list[str]:

@@ -101,19 +101,24 @@ def _recorded_config(run_dir: Path) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
-def evaluate_seen_tasks(learner: Learner, stream: TaskStream, step: int) -> Evaluation:
+def evaluate_seen_tasks(learner: Learner, stream: TaskStream, step: int, part: str = "test") -> Evaluation:
     """Class- and task-incremental counts of the test predictions on each task learnt by ``step``, from one
-    pass: the learner may read those tasks' test images, and no other."""
+    pass: the learner may read those tasks' test images, and no other. ``part`` "val": their validation
+    images (carved out of their training images) instead."""
     evaluation = Evaluation()
     seen = stream.tasks[: step + 1]
     num_seen = stream.tasks[step].num_seen
-    learner.ctx.open_evaluation(seen)
-    for task, logits in zip(seen, learner.predict_tasks([task.test for task in seen])):
-        if logits.shape != (len(task.test), num_seen):
+    splits = [getattr(task, part) for task in seen]
+    if part == "test":
+        learner.ctx.open_evaluation(seen)
+    else:
+        learner.ctx.access.allow(f"while validated after task {step + 1}", splits)
+    for task, split, logits in zip(seen, splits, learner.predict_tasks(splits)):
+        if logits.shape != (len(split), num_seen):
             raise RuntimeError(f"{type(learner).__name__}.predict returned logits of shape "
-                               f"{tuple(logits.shape)}, expected ({len(task.test)}, {num_seen})")
-        require_finite(logits, "test logits", f"{learner.name}: evaluation after task {step + 1}")
-        evaluation.add_task(logits.cpu(), torch.as_tensor(task.test.labels), task.classes)
+                               f"{tuple(logits.shape)}, expected ({len(split)}, {num_seen})")
+        require_finite(logits, f"{part} logits", f"{learner.name}: evaluation after task {step + 1}")
+        evaluation.add_task(logits.cpu(), torch.as_tensor(split.labels), task.classes)
     return evaluation
 
 
@@ -158,6 +163,8 @@ class Run:
         self.resume, self.restart = resume, restart
         self.checkpoints = CheckpointStore(self.run_dir)
         self.writer = ResultsWriter(self.run_dir, built)
+        if self.stream.tasks[0].val is not None:  # val_fraction or val_per_class: accuracy on validation images too
+            self.writer.validation = AccuracyMatrix()
         self.matrix = AccuracyMatrix()  # class-incremental (domain-incremental in a domain stream)
         self.task_matrix = AccuracyMatrix()  # task-incremental: each image's logits within its own task's classes
         self.rows: list[dict] = []
@@ -171,7 +178,12 @@ class Run:
                                      lambda counts: setattr(self, "matrix", AccuracyMatrix(**counts))),
                 "task_metrics": StatePart(lambda: self.task_matrix.to_dict(),
                                           lambda counts: setattr(self, "task_matrix", AccuracyMatrix(**counts))),
-                "rows": StatePart(lambda: self.rows, self._restore_rows)}
+                "rows": StatePart(lambda: self.rows, self._restore_rows),
+                **({"val_metrics": StatePart(lambda: self.writer.validation.to_dict(), self._restore_validation)}
+                   if self.writer.validation is not None else {})}
+
+    def _restore_validation(self, counts: dict) -> None:
+        self.writer.validation = AccuracyMatrix(**counts)
 
     def _restore_rows(self, rows: list[dict]) -> None:
         """Rows are the tasks in order, numbered from 1 (an earlier version's checkpoint numbered them from 0)."""
@@ -248,6 +260,10 @@ class Run:
         self.learner.fit(task)
         self._update_memory(task)
         trained = time.perf_counter()
+        if self.writer.validation is not None:  # before the test pass, whose evaluation report is the one kept
+            validated = evaluate_seen_tasks(self.learner, self.stream, task.index, "val")
+            self.writer.validation.add_step(validated.correct, validated.total)
+            log.info(f"task {task.index + 1} validation accuracy {self.writer.validation.accuracy(task.index):.2f}")
         evaluation = evaluate_seen_tasks(self.learner, self.stream, task.index)
         evaluated = time.perf_counter()
         self.matrix.add_step(evaluation.correct, evaluation.total)

@@ -17,6 +17,7 @@ import torch
 
 from pilot import __version__
 from pilot.assembly import Assembly
+from pilot.data.prepared import recorded_digest
 from pilot.distributed import is_main
 from pilot.errors import PilotError
 from pilot.metrics import AccuracyMatrix
@@ -67,6 +68,8 @@ class ResultsWriter:
     def __init__(self, run_dir: Path, run: Assembly):
         self.run_dir = run_dir
         self.run = run
+        # Accuracy on the validation images (val_fraction, val_per_class), where the stream carves them.
+        self.validation: Optional[AccuracyMatrix] = None
 
     def write_progress(self, matrix: AccuracyMatrix, task_matrix: AccuracyMatrix, rows: list[dict]) -> dict[str, Any]:
         """The record after the tasks ``matrix`` holds: "complete" once they are the whole stream."""
@@ -106,15 +109,19 @@ class ResultsWriter:
             "seed": run.seed,
             "versions": versions(),
             "device": str(run.device),
+            # The manifest digest of data prepared by `pilot data get` (None otherwise): summarize compares it.
+            "dataset_manifest": recorded_digest(run.config.experiment),
             "backbones": run.backbone_facts(),
             "scenario": stream.scenario,
             "class_order": stream.order,
             "class_names": stream.class_names,
+            **({"templates": run.ctx.templates} if run.learner.needs_text else {}),
             **({"domain_order": stream.domain_order} if stream.scenario == "domain" else {}),
             "task_sizes": stream.sizes,
             "completed_tasks": matrix.num_steps,
             **metrics(task_matrix if stream.scenario == "task" else matrix),
             **views,
+            **({"validation": metrics(self.validation)} if self.validation is not None else {}),
             "per_class_accuracy": rows[-1]["per_class_accuracy"] if rows else {},
             **({"memory": [row["memory"] for row in rows]} if run.ctx.memory is not None else {}),
             "per_task": rows,

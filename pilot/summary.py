@@ -6,6 +6,11 @@ runs' logits restricted to each image's task; "-" for domain streams), as Markdo
 and LaTeX. The setting is
 the run's ``prefix``, where a sweep writes its grid point. Standard deviations are NumPy's default
 (population, ddof 0), as printed under every table.
+
+Runs with a validation split (val_fraction, val_per_class) add a "val Ā" column; ``--select val`` keeps,
+of each learner, dataset, protocol and backbone, the setting of the best mean validation Ā, chosen without
+reading test accuracy. Runs of one row must have read the same data: where their results.json record
+different dataset manifests (``pilot data get``), the table is refused.
 """
 from __future__ import annotations
 
@@ -20,9 +25,12 @@ from typing import Optional
 import numpy as np
 
 from pilot.config import backbone_label
+from pilot.errors import PilotError
 
 METRICS = (("average_incremental_accuracy", "Ā"), ("last_accuracy", "last"), ("forgetting", "forgetting"),
            ("task_il.average_incremental_accuracy", "task-IL Ā"), ("task_il.last_accuracy", "task-IL last"))
+# Ā on the validation images: a column where some run has them.
+VALIDATION = ("validation.average_incremental_accuracy", "val Ā")
 
 
 def metric(results: dict, key: str) -> Optional[float]:
@@ -121,14 +129,51 @@ def summarize(runs: list[dict]) -> list[dict]:
         if results.get("status") == "complete":
             groups[group_key(results)].append(results)
     rows = []
+    validated = any(metric(r, VALIDATION[0]) is not None for members in groups.values() for r in members)
     for (learner, dataset, proto, backbone, setting), members in sorted(groups.items()):
+        _require_one_manifest(members, f"{learner} on {dataset} ({proto}, {backbone}{', ' + setting if setting else ''})")
         row = {"learner": learner, "dataset": dataset, "protocol": proto, "backbone": backbone,
                "setting": setting, "seeds": sorted(r["seed"] for r in members)}
-        for key, _ in METRICS:
+        for key, _ in METRICS + ((VALIDATION,) if validated else ()):
             values = [metric(r, key) for r in members if metric(r, key) is not None]
             row[key] = (float(np.mean(values)), float(np.std(values))) if values else None
         rows.append(row)
     return rows
+
+
+def _require_one_manifest(members: list[dict], row: str) -> None:
+    """The runs of one row read the same prepared data: one dataset manifest digest among those recorded."""
+    seeds: dict[str, list] = defaultdict(list)
+    for results in members:
+        if results.get("dataset_manifest"):
+            seeds[results["dataset_manifest"]].append(results["seed"])
+    if len(seeds) > 1:
+        found = "; ".join(f"manifest {digest[:16]} (seeds {', '.join(map(str, sorted(s)))})" for digest, s in seeds.items())
+        raise PilotError(f"The runs of {row} read different data: {found}. Their numbers are not comparable (another "
+                         f"split or changed files; 'pilot data verify' names what differs): summarize each data "
+                         f"version's runs on their own, or run them all again on one.")
+
+
+def select_by_validation(rows: list[dict]) -> list[dict]:
+    """Of each learner, dataset, protocol and backbone, the row (setting) of the best mean validation Ā: chosen
+    without reading test accuracy."""
+    missing = [row for row in rows if row.get(VALIDATION[0]) is None]
+    if missing:
+        first = missing[0]
+        raise PilotError(f"--select val needs validation accuracy, and the runs of {first['learner']} on "
+                         f"{first['dataset']} (setting '{first['setting']}') have none: run them with val_fraction "
+                         f"(e.g. 0.1) or val_per_class set.")
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        key = (row["learner"], row["dataset"], row["protocol"], row["backbone"])
+        if key not in best or row[VALIDATION[0]][0] > best[key][VALIDATION[0]][0]:
+            best[key] = row
+    return list(best.values())
+
+
+def _metrics(rows: list[dict]) -> tuple:
+    """The table's metrics: the validation column where a row has it."""
+    return METRICS + ((VALIDATION,) if any(VALIDATION[0] in row for row in rows) else ())
 
 
 def _cell(value: Optional[tuple[float, float]], plus_minus: str = "±") -> str:
@@ -139,20 +184,22 @@ COLUMNS = ["learner", "dataset", "protocol", "backbone", "setting", "seeds"]
 
 
 def markdown(rows: list[dict]) -> str:
-    header = COLUMNS + [name for _, name in METRICS]
+    shown = _metrics(rows)
+    header = COLUMNS + [name for _, name in shown]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for row in rows:
         cells = [str(row[c]) for c in COLUMNS[:-1]] + [str(len(row["seeds"]))]
-        lines.append("| " + " | ".join(cells + [_cell(row[key]) for key, _ in METRICS]) + " |")
+        lines.append("| " + " | ".join(cells + [_cell(row[key]) for key, _ in shown]) + " |")
     return "\n".join(lines) + "\n\nmean ± std over seeds (NumPy's std, ddof 0)\n"
 
 
 def to_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(COLUMNS + [f"{key}_{stat}" for key, _ in METRICS for stat in ("mean", "std")])
+    shown = _metrics(rows)
+    writer.writerow(COLUMNS + [f"{key}_{stat}" for key, _ in shown for stat in ("mean", "std")])
     for row in rows:
-        stats = [x for key, _ in METRICS for x in (row[key] or ("", ""))]
+        stats = [x for key, _ in shown for x in (row[key] or ("", ""))]
         writer.writerow([row[c] for c in COLUMNS[:-1]] + [" ".join(map(str, row["seeds"]))] + stats)
     return buffer.getvalue()
 
@@ -162,13 +209,15 @@ def _latex_escape(text: str) -> str:
 
 
 def latex(rows: list[dict]) -> str:
-    lines = [r"\begin{tabular}{lllllr" + "c" * len(METRICS) + "}", r"\toprule",
+    shown = _metrics(rows)
+    lines = [r"\begin{tabular}{lllllr" + "c" * len(shown) + "}", r"\toprule",
              " & ".join(["Learner", "Dataset", "Protocol", "Backbone", "Setting", "Seeds"]
-                        + [r"$\bar{A}$", "Last", "Forgetting", r"Task-IL $\bar{A}$", "Task-IL last"]) + r" \\",
+                        + [r"$\bar{A}$", "Last", "Forgetting", r"Task-IL $\bar{A}$", "Task-IL last"]
+                        + ([r"Val $\bar{A}$"] if len(shown) > len(METRICS) else [])) + r" \\",
              r"\midrule"]
     for row in rows:
         cells = [_latex_escape(str(row[c])) for c in COLUMNS[:-1]] + [str(len(row["seeds"]))]
-        cells += ["-" if row[key] is None else f"${row[key][0]:.2f} \\pm {row[key][1]:.2f}$" for key, _ in METRICS]
+        cells += ["-" if row[key] is None else f"${row[key][0]:.2f} \\pm {row[key][1]:.2f}$" for key, _ in shown]
         lines.append(" & ".join(cells) + r" \\")
     return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
 

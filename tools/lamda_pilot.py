@@ -7,9 +7,9 @@ per-class subset, the first ``max_tasks`` tasks, DeiT-Tiny from a local file ins
 PILOT's ``device: [-1]`` is its CPU. It then writes each learner's P1 config from PILOT's own
 ``exps/<learner>.json`` with the keys of this repo's ``exps/<learner>_p1.json`` laid over it, runs
 PILOT's ``main.py`` under ``/usr/bin/time -v`` and records its accuracy curve (PILOT's "CNN top1
-curve", its reported accuracy for these learners), Ā, last, wall time and peak RSS in ``--out``
-after every run. ``--ablate NAME`` adds one of ``ABLATIONS`` (a PILOT behaviour switched to pilot's)
-in its own work copy.
+curve", its reported accuracy for these learners; for the memory learners iCaRL and DER also its
+"NME top1 curve"), Ā, last, wall time and peak RSS in ``--out`` after every run. ``--ablate NAME``
+adds one of ``ABLATIONS`` (a PILOT behaviour switched to pilot's) in its own work copy.
 
 Each edit is ``(file, old text, new text, why)`` and must match exactly once in the pinned export,
 so a changed PILOT is noticed instead of silently patched. Nothing from PILOT is copied into this
@@ -44,7 +44,7 @@ COMMIT = "264745534fc2233f5a50b020e50a3472c47eb756"
 MIRROR = Path("/work/.mirror/sun-hailong+LAMDA-PILOT/repo")
 # EASE and MOS are not here yet: their backbones (backbone/vit_ease.py, vit_mos.py) keep ViT-B widths.
 LEARNERS = ["simplecil", "l2p", "dualprompt", "ranpac", "lae", "coda_prompt", "slca", "cofima", "aper_adapter",
-            "fecam"]
+            "fecam", "icarl", "der"]
 PILOT_EXPS = {"aper_adapter": "aper_aperpter"}  # PILOT's file names where they differ from the learner's
 # PILOT's backbone_type for DeiT-Tiny: where PILOT registers a ViT-Ti variant of the learner's model
 # (L2P, DualPrompt, CODA-Prompt, LAE) its name, else PILOT's own name (the edits below build ViT-Ti).
@@ -110,14 +110,15 @@ EDITS = [
              " file=os.environ['LAMDA_PILOT_WEIGHTS'])\n",
          why="no model hub here: every PILOT backbone built on timm's vit_tiny_patch16_224 variant (its own registered "
              "ViT-Ti models, or timm's) loads the DeiT-Tiny file instead of downloading"),
-    Edit("SimpleCIL/SLCA/CoFiMA backbone: ViT-Ti", "utils/inc_net.py",
+    Edit("SimpleCIL/SLCA/CoFiMA/iCaRL/DER backbone: ViT-Ti", "utils/inc_net.py",
          old='''        model = timm.create_model("vit_base_patch16_224",pretrained=True, num_classes=0)
         model.out_dim = 768
 ''',
          new='''        model = timm.create_model("vit_tiny_patch16_224",pretrained=True, num_classes=0)  # lamda_pilot.py
         model.out_dim = 192
 ''',
-         why="DeiT-Tiny (ViT-Ti/16, width 192) instead of ViT-B/16"),
+         why="DeiT-Tiny (ViT-Ti/16, width 192) instead of ViT-B/16 (iCaRL's IncrementalNet and each of DER's "
+             "backbones are built here too; DERNet reads its widths from out_dim)"),
     Edit("adapter backbone (APER, RanPAC, FeCAM): d_model", "utils/inc_net.py",
          old='''                d_model=768,
                 # VPT related

@@ -8,7 +8,8 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import numpy as np
 
@@ -44,6 +45,22 @@ def task_sizes(num_classes: int, init_cls: int, increment: int) -> list[int]:
                       f"{init_cls}: the tasks hold {', '.join(map(str, sizes))} classes, the last only {sizes[-1]}. "
                       f"Set increment to a divisor of {num_classes - init_cls} for tasks of equal size.", stacklevel=2)
     return sizes
+
+
+def carve_validation(labels: np.ndarray, groups: np.ndarray, fraction: float, per_class: int, seed: int) -> np.ndarray:
+    """A mask of the validation images among a training split's (``labels``, and ``groups``: each image's domain):
+    per class (and domain), ``per_class`` images, or round(``fraction`` n), at least one and never all, drawn by a
+    permutation of the class's images from ``RandomState(seed)`` (one generator, classes in label order) that
+    draws nothing from the global generators."""
+    rng = np.random.RandomState(seed)
+    chosen = np.zeros(len(labels), dtype=bool)
+    for group in np.unique(groups):
+        for label in np.unique(labels[groups == group]):
+            members = np.flatnonzero((labels == label) & (groups == group))
+            count = per_class if per_class else int(np.floor(fraction * len(members) + 0.5))
+            count = min(max(count, 1), len(members) - 1)
+            chosen[members[rng.permutation(len(members))[:count]]] = True
+    return chosen
 
 
 def first_per_class(labels: np.ndarray, limit: int) -> np.ndarray:
@@ -89,6 +106,8 @@ class Task:
     test: Split  # its test images: of its classes, or of its domain
     new_classes: range  # the classes it introduces: ``classes``, or none after a domain stream's first task
     domain: str = ""  # a domain stream's domain
+    # Its validation images, carved out of its training images (val_fraction, val_per_class); None when off.
+    val: Optional[Split] = None
 
     @property
     def num_seen(self) -> int:
@@ -130,7 +149,7 @@ class TaskStream:
     def __init__(self, dataset: SourceDataset, init_cls: int, increment: int, shuffle: bool,
                  seed: int, train_per_class: int = 0, test_per_class: int = 0, max_tasks: int = 0,
                  checked: tuple[str, ...] = ("train", "test"), scenario: str = "class",
-                 domain_order: tuple[str, ...] = ()):
+                 domain_order: tuple[str, ...] = (), val_fraction: float = 0.0, val_per_class: int = 0):
         self.dataset = dataset
         self.scenario = scenario
         domains = self._domains(dataset, scenario, domain_order, shuffle, seed)
@@ -154,6 +173,8 @@ class TaskStream:
             if split.part in checked:
                 self._check(split)
         self.tasks = self._domain_tasks(domains) if domains else self._class_tasks()
+        if val_fraction or val_per_class:
+            self.tasks = [self._with_validation(task, val_fraction, val_per_class, seed) for task in self.tasks]
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -202,6 +223,14 @@ class TaskStream:
                      new_classes=every if t == 0 else range(len(every), len(every)),
                      domain=self.dataset.domain_names[domain])
                 for t, domain in enumerate(domains)]
+
+    @staticmethod
+    def _with_validation(task: Task, fraction: float, per_class: int, seed: int) -> Task:
+        """``task`` with validation images carved out of its training images (stream labels, per domain)."""
+        train = task.train
+        domains = train.source.domains[train.indices] if train.source.domains is not None else np.zeros(len(train))
+        held = carve_validation(train.labels, domains, fraction, per_class, seed)
+        return replace(task, train=train.where(~held), val=train.where(held))
 
     def _subset(self, part: str, images: ImageSet, limit: int) -> Split:
         indices = first_per_class(images.labels, limit) if images.domains is None else self._per_domain(images, limit)

@@ -56,6 +56,10 @@ class Learner:
     uses_memory: ClassVar[bool] = False
     # Training images each class needs in a task (2 for a per-class covariance); checked when the data is loaded.
     min_train_per_class: ClassVar[int] = 1
+    # CLIP learners classify through the text tower, so the config must name an open_clip backbone.
+    needs_text: ClassVar[bool] = False
+    # A learner built on several backbones names their roles; the config's backbone_type lists exactly these.
+    backbone_roles: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: LearnerConfig, ctx: RunContext):
         self.config = config

@@ -29,7 +29,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 # "cosine" is PILOT's key, which means what it meant in PILOT for each method (a learner's
 # ``cosine_schedule``): torch's CosineAnnealingLR, or CODA-Prompt's own schedule; either is also
 # named outright, so a run can switch one for the other.
-SCHEDULERS = ("constant", "cosine", "steplr", "cosine_annealing", "coda_cosine")
+SCHEDULERS = ("constant", "cosine", "steplr", "cosine_annealing", "coda_cosine", "inflora_cosine",
+              "torch_constant")
 
 
 @dataclass
@@ -54,20 +55,34 @@ class TrainConfig(LearnerConfig):
     clip_grad: float = 0.0
 
 
-def validate_train_config(config: TrainConfig, phase: str = "") -> None:
-    """``phase`` names the tasks these settings train ("the first task"), where a learner has settings per phase."""
+def validate_train_config(config: TrainConfig, phase: str = "", warn: bool = True) -> None:
+    """``phase`` names the tasks these settings train ("the first task"), where a learner has settings per phase;
+    ``warn=False`` leaves the warning about milestones to the caller, which warns once for all its phases."""
     if config.optimizer not in OPTIMIZERS:
         raise PilotError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{config.optimizer}'.")
     if config.scheduler not in SCHEDULERS:
         raise PilotError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got '{config.scheduler}'.")
     if config.tuned_epoch < 0 or config.batch_size < 1 or config.init_lr <= 0:
         raise PilotError("tuned_epoch must be >= 0, batch_size >= 1 and init_lr > 0.")
-    late = [m for m in config.milestones if m >= config.tuned_epoch]
-    if config.scheduler == "steplr" and late and config.tuned_epoch:
-        # PILOT runs such configs (its finetune.json has them): MultiStepLR never reaches those epochs.
-        warnings.warn(f"milestones {late} are at or past the last epoch ({config.tuned_epoch} epochs)"
-                      f"{f' of {phase}' if phase else ''}: the learning rate does not decay there, as in PILOT. "
-                      f"Set milestones below the number of epochs for a decay.", stacklevel=3)
+    if warn:
+        warn_of_late_milestones([(phase, config)])
+
+
+def late_milestones(config: TrainConfig) -> list[int]:
+    """The milestones a step schedule never reaches: at or past the last epoch."""
+    if config.scheduler != "steplr" or not config.tuned_epoch:
+        return []
+    return [m for m in config.milestones if m >= config.tuned_epoch]
+
+
+def warn_of_late_milestones(phases: list[tuple[str, TrainConfig]]) -> None:
+    """One warning for every (phase, settings) whose milestones are never reached. PILOT's configs have them
+    (finetune.json, icarl.json, der.json, ...): its MultiStepLR then never decays, and pilot runs them alike."""
+    late = [f"milestones {late_milestones(config)} are at or past the last epoch ({config.tuned_epoch} epochs)"
+            f"{f' of {phase}' if phase else ''}" for phase, config in phases if late_milestones(config)]
+    if late:
+        warnings.warn(f"{'; '.join(late)}: the learning rate does not decay there, as in PILOT. Set milestones below "
+                      f"the number of epochs for a decay.", stacklevel=4)
 
 
 def make_optimizer(parameters: list[nn.Parameter] | list[dict], config: TrainConfig) -> torch.optim.Optimizer:
@@ -95,6 +110,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, cosine
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.tuned_epoch, 1), eta_min=config.min_lr)
     if kind == "coda_cosine":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: coda_cosine_factor(epoch, config.tuned_epoch))
+    if kind == "inflora_cosine":  # the same CosineSchedule as InfLoRA's code steps it: epoch e at lr * cos(99 pi e / (200 (K - 1)))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: math.cos(99 * math.pi * epoch / (200 * max(config.tuned_epoch - 1, 1))))
+    if kind == "torch_constant":  # torch's ConstantLR with its defaults (PILOT's DUCT): a third of the rate for 5 epochs
+        return torch.optim.lr_scheduler.ConstantLR(optimizer)
     if config.scheduler == "steplr":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=config.milestones, gamma=config.lr_decay)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
@@ -225,8 +244,9 @@ class GradientLearner(Learner):
         if first == later:
             validate_train_config(first)
         else:
-            validate_train_config(first, "the first task")
-            validate_train_config(later, "later tasks")
+            validate_train_config(first, "the first task", warn=False)
+            validate_train_config(later, "later tasks", warn=False)
+            warn_of_late_milestones([("the first task", first), ("later tasks", later)])
 
     def param_groups(self, parameters: list[nn.Parameter]) -> list[nn.Parameter] | list[dict]:
         """What the task's optimiser gets: the parameters, or groups with their own ``lr`` (SLCA's slow backbone)."""
