@@ -1,6 +1,11 @@
 """Shared fixtures: a tiny random ViT on synthetic data, and the real assets when present."""
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
+import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -43,10 +48,21 @@ def tiny_config(tmp_path):
     return make
 
 
+@functools.lru_cache(maxsize=1)
+def extracted_cifar() -> Path:
+    """The assets' CIFAR-100 archive extracted once per session (CIFAR's own folder layout, which pilot reads as
+    it reads the archive): each real-asset run then skips decompressing 168 MB (1.3 s against 2.9 s a load)."""
+    folder = Path(tempfile.mkdtemp(prefix="pilot-cifar-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    with tarfile.open(CIFAR_ARCHIVE, "r:gz") as archive:
+        archive.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    return folder
+
+
 def real_raw(tmp_path: Path, **overrides) -> dict:
     """A flat config for DeiT-Tiny on CIFAR-100 from the shared assets (B0 Inc10, seed 1993)."""
     return tiny_raw(tmp_path, **{
-        "dataset": "cifar224", "data_path": str(ASSETS), "download": False,
+        "dataset": "cifar224", "data_path": str(extracted_cifar()), "download": False,
         "backbone_type": "deit_tiny_patch16_224", "pretrained": True, "backbone_args": {},
         "weights_dir": str(ASSETS), "init_cls": 10, "increment": 10, "seed": [1993], **overrides})
 

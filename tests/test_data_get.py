@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_raw
+from conftest import clean_error, tiny_raw
 from pilot.cli import main
 from pilot.configure import build_config
 from pilot.data import catalog, fetch
@@ -192,6 +192,7 @@ def test_the_rule_is_the_documented_permutation():
     assert [fetch.rule_train_count(n) for n in (2, 3, 5, 10, 11)] == [1, 2, 4, 8, 9]
 
 
+@clean_error
 def test_a_corrupted_archive_is_refused_and_leaves_nothing(sources, tmp_path):
     bad = tmp_path / "imagenet-r.tar"
     data = bytearray(sources["imagenetr"].read_bytes())
@@ -202,6 +203,7 @@ def test_a_corrupted_archive_is_refused_and_leaves_nothing(sources, tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+@clean_error
 def test_a_truncated_archive_is_refused_and_leaves_nothing(sources, tmp_path):
     pinned = tmp_path / "pinned" / "imagenet-r.tar"
     pinned.parent.mkdir()
@@ -215,6 +217,7 @@ def test_a_truncated_archive_is_refused_and_leaves_nothing(sources, tmp_path):
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == []
 
 
+@clean_error
 def test_an_extra_or_missing_file_is_refused_and_leaves_nothing(tmp_path):
     extra = cub_members()
     extra["CUB_200_2011/images/001.Black_footed_Albatross/stray.jpg"] = png(9)
@@ -247,6 +250,7 @@ def test_pilot_archive_keeps_its_split_and_is_another_manifest(sources, tmp_path
         fetch.get("domainnet", str(tmp_path / "c"), str(pilot_zip), pilot_archive=True, report=quiet)
 
 
+@clean_error
 def test_a_wrong_from_path_says_what_it_needs(sources, tmp_path):
     with pytest.raises(PilotError, match="--from '.*nowhere.tar' does not exist: pass the downloaded archive"):
         fetch.get("imagenetr", str(tmp_path / "data"), str(tmp_path / "nowhere.tar"), report=quiet)

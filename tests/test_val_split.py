@@ -12,7 +12,7 @@ from pilot.data.stream import TaskStream, carve_validation
 from pilot.engine import run_experiment
 from pilot.errors import PilotError
 from pilot.summary import markdown, select_by_validation, summarize
-from conftest import killed_then_resumed, tiny_raw
+from conftest import clean_error, killed_then_resumed, tiny_raw
 
 
 def test_carving_takes_a_seeded_permutation_of_each_class():
@@ -49,6 +49,7 @@ def test_a_domain_stream_carves_per_domain_and_class():
         assert len(set(domains)) == 1 and sorted(task.val.labels) == [0, 1, 2]
 
 
+@clean_error
 @pytest.mark.parametrize("values", [{"val_fraction": 1.0}, {"val_per_class": -1},
                                     {"val_fraction": 0.1, "val_per_class": 2}])
 def test_bad_validation_settings_are_one_clear_error(tmp_path, values):
