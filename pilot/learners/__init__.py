@@ -9,7 +9,7 @@ file is named after (a second name a file registers) is looked for in every file
 listing (``learner_names``) skips a broken file with a warning naming it.
 
 The ``_``-prefixed modules are the kit learner files build on: ``_base`` (the interface),
-``_gradient`` (the gradient-training template), ``_prompt`` (prompt learners), and
+``_gradient`` (the gradient-training template), ``_prompt`` (prompt learners), ``_lora`` (LoRA learners), and
 ``_first_task_adaptation`` (adapt on the first task, then freeze)."""
 from __future__ import annotations
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -32,8 +31,9 @@ from torch import nn
 from pilot.data.stream import Task
 from pilot.errors import PilotError
 from pilot.learners import register_learner
-from pilot.learners._gradient import GradientLearner, TrainConfig, validate_train_config
-from pilot.modules.heads import classify, task_heads
+from pilot.learners._gradient import TrainConfig, validate_train_config
+from pilot.learners._lora import LoRALearner
+from pilot.modules.heads import task_heads
 from pilot.modules.lora import attach_lora
 
 
@@ -128,7 +128,7 @@ class DualGPM:
 
 
 @register_learner("inflora")
-class InfLoRA(GradientLearner):
+class InfLoRA(LoRALearner):
     config_class = InfLoRAConfig
     official_variant = "coda_prompt"  # the official CIFAR transforms: RandomResizedCrop(224), flip; Resize(224); no normalisation
     scenarios = ("class", "task")
@@ -197,15 +197,6 @@ class InfLoRA(GradientLearner):
         self.net["heads"][task.index].requires_grad_(False)
         self.subspaces.update(self.input_matrices(task), self.threshold(task))
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return classify(self.net["heads"], self.ctx.backbone(images))
-
-    def train_outputs(self, images: torch.Tensor, labels: torch.Tensor, task: Task):
-        logits = self.logits(images)
-        return logits, torch.zeros((), device=logits.device)
-
-    def eval_logits(self, images: torch.Tensor, queries: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.logits(images)
 
     def state_dict(self):
         return {**super().state_dict(), "subspaces": self.subspaces.state_dict()}

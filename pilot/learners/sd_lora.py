@@ -21,7 +21,6 @@ SD-LoRA-KD, so no ``sd_lora_kd`` is registered.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import nn
@@ -29,8 +28,9 @@ from torch import nn
 from pilot.data.stream import Task
 from pilot.errors import PilotError
 from pilot.learners import register_learner
-from pilot.learners._gradient import GradientLearner, TrainConfig, validate_train_config
-from pilot.modules.heads import classify, task_heads
+from pilot.learners._gradient import TrainConfig, validate_train_config
+from pilot.learners._lora import LoRALearner
+from pilot.modules.heads import task_heads
 from pilot.modules.lora import attach_lora
 
 
@@ -55,7 +55,7 @@ class SDLoRARRConfig(SDLoRAConfig):
 
 
 @register_learner("sd_lora")
-class SDLoRA(GradientLearner):
+class SDLoRA(LoRALearner):
     config_class = SDLoRAConfig
     official_variant = "default"  # the official data code is PILOT's
     scenarios = ("class", "task")
@@ -106,15 +106,6 @@ class SDLoRA(GradientLearner):
         self.net["lora"].requires_grad_(False)
         self.net["heads"][task.index].requires_grad_(False)
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return classify(self.net["heads"], self.ctx.backbone(images))
-
-    def train_outputs(self, images: torch.Tensor, labels: torch.Tensor, task: Task):
-        logits = self.logits(images)
-        return logits, torch.zeros((), device=logits.device)
-
-    def eval_logits(self, images: torch.Tensor, queries: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.logits(images)
 
 
 @register_learner("sd_lora_rr")
