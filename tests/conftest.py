@@ -101,3 +101,17 @@ def assert_resume_matches_uninterrupted(make_config) -> tuple[dict, dict]:
     assert resumed["counts"] == uninterrupted["counts"]
     assert resumed["accuracy_curve"] == uninterrupted["accuracy_curve"]
     return uninterrupted, resumed
+
+
+def run_recording_each_task(run: Run):
+    """Execute ``run``; return the backbone's state before it, the learner's network state after each task,
+    and the result."""
+    before = {k: v.clone() for k, v in run.ctx.backbone.state_dict().items()}
+    after_task, fit = [], run.learner.fit
+
+    def fit_and_record(task):
+        fit(task)
+        after_task.append({k: v.clone() for k, v in run.learner.net.state_dict().items()})
+
+    run.learner.fit = fit_and_record
+    return before, after_task, run.execute()

@@ -11,7 +11,7 @@ from pilot.engine import Run
 from pilot.errors import PilotError
 from pilot.modules.prompt_generation import GeneratedPrompts, PromptGenerator
 
-from conftest import killed_then_resumed, real_raw, requires_assets, tiny_raw
+from conftest import killed_then_resumed, real_raw, requires_assets, run_recording_each_task, tiny_raw
 
 
 def dap_config(tmp_path, **overrides):
@@ -25,16 +25,7 @@ def trained_run(tmp_path_factory):
     """A DAP run through 3 tasks, with the backbone's weights before training and the generator's after
     each task."""
     run = Run(dap_config(tmp_path_factory.mktemp("dap")))
-    before = {k: v.clone() for k, v in run.ctx.backbone.state_dict().items()}
-    after_task, fit = [], run.learner.fit
-
-    def fit_and_record(task):
-        fit(task)
-        after_task.append({k: v.clone() for k, v in run.learner.net.state_dict().items()})
-
-    run.learner.fit = fit_and_record
-    result = run.execute()
-    return run, before, after_task, result
+    return (run, *run_recording_each_task(run))
 
 
 def test_generated_prompt_equals_the_network_written_out():

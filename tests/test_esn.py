@@ -11,7 +11,7 @@ from pilot.engine import Run, run_experiment
 from pilot.errors import PilotError
 from pilot.modules.energy import EnergyVote, energy_alignment_loss, free_energy, head_energies
 
-from conftest import killed_then_resumed, real_raw, requires_assets, tiny_raw
+from conftest import killed_then_resumed, real_raw, requires_assets, run_recording_each_task, tiny_raw
 
 
 def esn_config(tmp_path, **overrides):
@@ -84,16 +84,7 @@ def test_energy_alignment_is_the_official_formula():
 def trained_run(tmp_path_factory):
     """An ESN run through 3 tasks: the backbone before, the heads after each task."""
     run = Run(esn_config(tmp_path_factory.mktemp("esn")))
-    before = {k: v.clone() for k, v in run.ctx.backbone.state_dict().items()}
-    after_task, fit = [], run.learner.fit
-
-    def fit_and_record(task):
-        fit(task)
-        after_task.append({k: v.clone() for k, v in run.learner.net.state_dict().items()})
-
-    run.learner.fit = fit_and_record
-    result = run.execute()
-    return run, before, after_task, result
+    return (run, *run_recording_each_task(run))
 
 
 def test_backbone_stays_bit_identical_old_heads_stay_and_prompts_go_on_training(trained_run):
