@@ -46,7 +46,8 @@ PILOT_BACKBONES = {
     "pretrained_vit_b16_224_in21k": "vit_base_patch16_224.augreg_in21k",
     "vit_base_patch16_224_in21k": "vit_base_patch16_224.augreg_in21k",
 }
-PILOT_METHOD_SUFFIXES = ("_l2p", "_dualprompt", "_coda_prompt", "_adapter", "_ssf", "_vpt", "_lae", "_ease", "_mos", "_memo")
+PILOT_METHOD_SUFFIXES = ("_l2p", "_dualprompt", "_coda_prompt", "_adapter", "_ssf", "_vpt", "_lae", "_ease", "_mos", "_memo",
+                         "_tuna")
 
 WEIGHTS_HELP = (
     "Without internet, download the weights elsewhere and set \"pretrained_path\" to the local file "

@@ -15,9 +15,11 @@ from pilot.modules.gaussians import ClassGaussians
 def fit_on_gaussian_samples(logits: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
                             gaussians: ClassGaussians, generator: torch.Generator, device: torch.device, *,
                             epochs: int, samples: int, batches: Optional[int] = None,
-                            mean_scales: Optional[torch.Tensor] = None, where: str = "classifier alignment") -> None:
+                            mean_scales: Optional[torch.Tensor] = None, schedule_epochs: Optional[int] = None,
+                            where: str = "classifier alignment") -> None:
     """Classifier alignment: cross-entropy training of ``logits`` (the classifier) for ``epochs``, the learning
-    rate annealed by a cosine over them. Each epoch draws ``samples`` features from every Gaussian (its mean
+    rate annealed by a cosine over them (over ``schedule_epochs`` where given: torch's cosine then rises again, as
+    TUNA's T_max of 5 for 30 epochs does). Each epoch draws ``samples`` features from every Gaussian (its mean
     times ``mean_scales``, default 1; noise and shuffle from ``generator``) and trains on them in batches of
     ``samples``: all of them (SLCA), or the first ``batches`` (MOS: one per seen class, whatever the Gaussians
     per class).
@@ -25,7 +27,7 @@ def fit_on_gaussian_samples(logits: Callable[[torch.Tensor], torch.Tensor], opti
     The switches are where SLCA's and MOS's official codes differ; the caller's optimiser and ``logits`` hold
     the rest (which parameters, rates, logit normalisation).
     """
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=schedule_epochs or epochs)
     cholesky_factors = gaussians.cholesky_factors(device)
     scales = torch.ones(gaussians.num_classes) if mean_scales is None else mean_scales
 

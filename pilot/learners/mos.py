@@ -19,26 +19,23 @@ statistics and test features depend on the number of batches; pilot keeps stored
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pilot.data.stream import Split, Task
 from pilot.errors import PilotError, config_values
-from pilot.features import FeatureStore
 from pilot.learners import register_learner
 from pilot.learners._alignment import fit_on_gaussian_samples
-from pilot.learners._first_task_adaptation import AdaptedEncoder, adapter_bank
-from pilot.learners._gradient import GradientLearner, TrainConfig
-from pilot.modules.adapters import freeze
+from pilot.learners._carried_adapter import CarriedAdapterLearner
+from pilot.learners._gradient import TrainConfig
 from pilot.modules.gaussians import ClassGaussians
 from pilot.modules.heads import PrototypeClassifier, linear_head
 from pilot.modules.merge import average, ema_update
+from pilot.modules.task_prompts import prototype_contrast
 
-STORAGE = ("covariance", "variance", "multi-centroid")
 MERGES = ("step", "forward")
 ORTHOGONALITY_TEMPERATURE = 0.8  # official orth_loss
 RETRIEVAL_ROUNDS = 4  # official MAX_ITER of the self-refined retrieval
@@ -69,18 +66,13 @@ class MOSConfig(TrainConfig):
 
 
 @register_learner("mos")
-class MOS(GradientLearner):
+class MOS(CarriedAdapterLearner):
     config_class = MOSConfig
-    min_train_per_class = 2  # each class's Gaussian (or k-means clusters with spread)
+    storage = ("covariance", "variance", "multi-centroid")
 
     def __init__(self, config: MOSConfig, ctx):
-        super().__init__(config, ctx)
-        freeze(ctx.backbone)
-        self.require_vit()
+        super().__init__(config, ctx, config.ffn_num)
         dim = ctx.backbone.feature_dim
-        bank = adapter_bank(ctx, config.ffn_num)
-        self.net["current"] = bank.new_set()  # trains, carried from task to task
-        self.net["adapters"] = bank  # each task's, frozen when the task ends
         self.net["head"] = linear_head(dim, ctx.protocol.num_classes)  # timm's ViT head init
         self.net.to(ctx.device)
         self.statistics = ClassGaussians(dim, diagonal=config.ca_storage_efficient_method == "variance")
@@ -89,37 +81,11 @@ class MOS(GradientLearner):
 
     @classmethod
     def validate_config(cls, config: MOSConfig) -> None:
-        cls.validate_settings(config)
-        if config.ca_storage_efficient_method not in STORAGE:
-            raise PilotError(f"ca_storage_efficient_method must be one of {', '.join(STORAGE)}, got "
-                             f"'{config.ca_storage_efficient_method}'.")
+        super().validate_config(config)
         if config.adapter_merge not in MERGES:
             raise PilotError(f"adapter_merge must be one of {', '.join(MERGES)}, got '{config.adapter_merge}'.")
         if not 0 <= config.adapter_momentum <= 1 or config.ffn_num < 1 or config.n_centroids < 1:
             raise PilotError("adapter_momentum must lie in [0, 1], ffn_num and n_centroids be >= 1.")
-        if config.crct_epochs < 0 or config.ca_lr <= 0 or config.reg < 0:
-            raise PilotError("crct_epochs and reg must be >= 0 and ca_lr > 0.")
-
-    @classmethod
-    def settings(cls, config: MOSConfig, first_task: bool) -> TrainConfig:
-        """Every task steps its rate at the ``init_`` keys (official)."""
-        return replace(config, milestones=config.init_milestones, lr_decay=config.init_lr_decay)
-
-    # --- adapters ----------------------------------------------------------------------------
-
-    @property
-    def current_encoder(self) -> AdaptedEncoder:
-        return AdaptedEncoder(self.ctx.backbone, self.net["current"])
-
-    @property
-    def stores(self) -> list[FeatureStore]:
-        """Each finished task's adapter features."""
-        return self.net["adapters"].stores
-
-    def store_adapter(self) -> None:
-        """Keep a frozen copy of the current adapter as the finished task's, with its feature store."""
-        self.net["adapters"].add(self.net["current"].state_dict())
-        self.net["adapters"].close()
 
     # --- training ----------------------------------------------------------------------------
 
@@ -136,22 +102,14 @@ class MOS(GradientLearner):
         return [{"params": [p for p in parameters if id(p) not in head], "lr": self.config.init_lr},
                 {"params": [p for p in parameters if id(p) in head], "lr": self.config.init_lr * 0.1}]
 
-    def set_train_mode(self, training: bool) -> None:
-        self.current_encoder.train(training)
-
     def train_outputs(self, images: torch.Tensor, labels: torch.Tensor, task: Task):
         if self.merges_in_forward:
             self.pull_units(lambda block: block + 1)
         features = self.current_encoder(images)
         logits = self.net["head"](features)[:, : self.num_seen]
-        return logits, self.config.reg * self.orthogonality_loss(features)
-
-    def orthogonality_loss(self, features: torch.Tensor) -> torch.Tensor:
-        """Official ``orth_loss``: the batch's features and the old classes' means (constants), raw, each
-        row's similarities / 0.8 classified as itself (pushes them apart)."""
-        rows = torch.cat([self.statistics.means.to(features), features.float()])
-        similarity = rows @ rows.T / ORTHOGONALITY_TEMPERATURE
-        return F.cross_entropy(similarity, torch.arange(len(rows), device=rows.device))
+        # official orth_loss: the batch's features pushed away from the old classes' means and each other
+        orthogonality = prototype_contrast(features.float(), self.statistics.means, ORTHOGONALITY_TEMPERATURE)
+        return logits, self.config.reg * orthogonality
 
     @property
     def merges_in_forward(self) -> bool:

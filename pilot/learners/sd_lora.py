@@ -15,8 +15,17 @@ epoch 20, so the rate is constant (the file's "cosine" and ``min_lr`` feed a ``g
 called). Rank 10 is hard-coded there (``rank`` here).
 
 ``sd_lora_rr`` is SD-LoRA-RR, the rank reduction the official ``update_network`` holds commented out: rank 10
-for tasks 1-4, 8 for tasks 5-8, 6 from task 9 on (``rank_reduction``). The official repository has no code for
-SD-LoRA-KD, so no ``sd_lora_kd`` is registered.
+for tasks 1-4, 8 for tasks 5-8, 6 from task 9 on (``rank_reduction``).
+
+``sd_lora_kd`` is SD-LoRA-KD as the paper gives it (arXiv 2501.13198 Sec. 3.5, Eq. 7-8, Algorithm 1 lines 10-12,
+threshold in Sec. 4.1); the official repository has no code for it. After each task t > 1, the new pair's
+direction ``d_t`` is fitted by least squares on the earlier pairs' directions (Eq. 7); if the residual
+``||d_t - sum_k da_k d_k||_F`` is at most ``kd_threshold`` (9e-4), the new pair and its magnitude are dropped and
+every earlier magnitude ``a_k`` becomes ``a_k + da_k`` (Eq. 8). Where the paper is silent, our reading:
+one least squares over every block and slice together (``d_k`` stacks them), as Eq. 8 updates magnitudes that
+are shared by all of them; ``da_k`` added as fitted (Eq. 8 scales it by neither ``a_t`` nor ``||B_t|| ||A_t||``);
+and, as the magnitudes restart at 0.8 every task (official code), each pair keeps the sum of what was absorbed
+into it and restarts at 0.8 plus that sum, or the next task would erase the absorbed coefficients.
 """
 from __future__ import annotations
 
@@ -31,7 +40,7 @@ from pilot.learners import register_learner
 from pilot.learners._gradient import TrainConfig, validate_train_config
 from pilot.learners._lora import LoRALearner
 from pilot.modules.heads import task_heads
-from pilot.modules.lora import attach_lora
+from pilot.modules.lora import attach_lora, fit_last_direction
 
 
 @dataclass
@@ -99,7 +108,7 @@ class SDLoRA(LoRALearner):
 
     def trainable(self) -> list[nn.Parameter]:
         lora = self.net["lora"]
-        return (lora.pair_parameters(self.task_index) + list(lora.magnitudes)
+        return (lora.pair_parameters(len(lora) - 1) + list(lora.magnitudes)
                 + list(self.net["heads"][self.task_index].parameters()))
 
     def end_task(self, task: Task) -> None:
@@ -111,3 +120,57 @@ class SDLoRA(LoRALearner):
 @register_learner("sd_lora_rr")
 class SDLoRARR(SDLoRA):
     config_class = SDLoRARRConfig
+
+
+@dataclass
+class SDLoRAKDConfig(SDLoRAConfig):
+    kd_threshold: float = 9e-4  # Sec. 4.1: the largest residual of Eq. 7 at which a new direction is absorbed
+
+
+@register_learner("sd_lora_kd")
+class SDLoRAKD(SDLoRA):
+    """SD-LoRA-KD: a new direction that the earlier ones fit within ``kd_threshold`` goes into their magnitudes."""
+
+    config_class = SDLoRAKDConfig
+
+    def __init__(self, config: SDLoRAKDConfig, ctx):
+        super().__init__(config, ctx)
+        self.absorbed: list[float] = []  # per pair, the coefficients absorbed into its magnitude so far
+
+    @classmethod
+    def validate_config(cls, config: SDLoRAKDConfig) -> None:
+        super().validate_config(config)
+        if not config.kd_threshold >= 0:
+            raise PilotError(f"kd_threshold must be a number >= 0 (the paper's is 9e-4), got {config.kd_threshold}.")
+
+    def begin_task(self, task: Task) -> None:
+        super().begin_task(task)  # every magnitude at magnitude_init
+        with torch.no_grad():
+            for magnitude, absorbed in zip(self.net["lora"].magnitudes, self.absorbed):
+                magnitude.add_(absorbed)
+        self.absorbed.append(0.0)
+
+    def end_task(self, task: Task) -> None:
+        super().end_task(task)
+        lora = self.net["lora"]
+        if len(lora) < 2:
+            return
+        coefficients, residual = fit_last_direction(lora.direction_gram())  # Eq. 7
+        absorbed = residual <= self.config.kd_threshold
+        self.ctx.log.info(f"{self.task_tag}: least-squares residual of the new direction {residual:.3g} "
+                          f"(kd_threshold {self.config.kd_threshold:g}): {'absorbed' if absorbed else 'kept'}")
+        if not absorbed:
+            return
+        lora.remove_last_pair()  # Eq. 8
+        self.absorbed.pop()
+        with torch.no_grad():
+            for index, (magnitude, coefficient) in enumerate(zip(lora.magnitudes, coefficients.tolist())):
+                magnitude.add_(coefficient)
+                self.absorbed[index] += coefficient
+
+    def state_dict(self):
+        return {**super().state_dict(), "absorbed": torch.tensor(self.absorbed, dtype=torch.float64)}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.absorbed = state["absorbed"].tolist()

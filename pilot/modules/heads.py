@@ -1,5 +1,5 @@
-"""Classifier heads shared by learners: a cosine head, per-task linear heads, class-mean prototypes, and the
-one head initialisation they all use."""
+"""Classifier heads shared by learners: a cosine head, per-task linear heads, class-mean prototypes, the
+one head initialisation they all use, the CosFace loss and lowest-entropy selection among candidate logits."""
 from __future__ import annotations
 
 import math
@@ -44,11 +44,11 @@ def init_head(head: nn.Module, init: str, std: float = 0.02) -> nn.Module:
     return head
 
 
-def linear(in_dim: int, out_dim: int) -> nn.Linear:
+def linear(in_dim: int, out_dim: int, bias: bool = True) -> nn.Linear:
     """PyTorch's Linear, also zero-wide (a task that adds no class) without torch's warning about its empty weight."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
-        return nn.Linear(in_dim, out_dim)
+        return nn.Linear(in_dim, out_dim, bias=bias)
 
 
 def linear_head(in_dim: int, num_classes: int, init: str = "trunc_normal", std: float = 0.02) -> nn.Linear:
@@ -102,11 +102,13 @@ class PrototypeClassifier:
         self.prototypes, self.counts = state["prototypes"], state["counts"]
 
 
-def task_heads(feature_dim: int, task_sizes: Sequence[int], init: str = "trunc_normal") -> nn.ModuleList:
+def task_heads(feature_dim: int, task_sizes: Sequence[int], init: str = "trunc_normal",
+               bias: bool = True) -> nn.ModuleList:
     """One linear head per task (``init_head``): "trunc_normal" as SLCA's SimpleContinualLinear, "kaiming" as
     PILOT's SimpleLinear (together, the head PILOT's finetune grows by copying old rows into a larger one).
-    All are built before any is drawn, the order the random draws of earlier runs came in."""
-    heads = nn.ModuleList(linear(feature_dim, size) for size in task_sizes)
+    All are built before any is drawn, the order the random draws of earlier runs came in. ``bias=False``: weights
+    only, as the rows of a cosine classifier (TUNA's SimpleContinualLinear)."""
+    heads = nn.ModuleList(linear(feature_dim, size, bias) for size in task_sizes)
     for head in heads:
         init_head(head, init)
     return heads
@@ -121,6 +123,24 @@ def normalise_logits(logits: torch.Tensor, task_classes: Sequence[range], temper
     """SLCA's logit normalisation: logits / (mean over tasks of each task's logit L2 norm) / temperature."""
     norms = torch.stack([logits[:, classes.start:classes.stop].norm(dim=1) + 1e-7 for classes in task_classes], dim=1)
     return logits / norms.mean(dim=1, keepdim=True) / temperature
+
+
+def cosface_loss(cosines: torch.Tensor, labels: torch.Tensor, scale: float, margin: float) -> torch.Tensor:
+    """CosFace (the "cosface" of the AngularPenaltySMLoss that MOS's and TUNA's codes carry): batch mean of
+    ``-log(e^{s(cos_y - m)} / (e^{s(cos_y - m)} + sum_{j != y} e^{s cos_j}))``, i.e. cross-entropy of
+    ``s * cos`` with the margin ``m`` taken off the true class's cosine."""
+    margins = F.one_hot(labels, cosines.shape[1]).to(cosines) * margin
+    return F.cross_entropy(scale * (cosines - margins), labels)
+
+
+def lowest_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the candidate whose softmax has the lowest entropy (TUNA's adapter selection):
+    ``logits`` [candidates, images, classes] -> (index [images], its logits [images, classes]). Entropy
+    ``-sum p log(p + 1e-10)`` as TUNA's code; ties go to the first candidate (``argmin``)."""
+    probabilities = logits.softmax(dim=2)
+    entropy = -(probabilities * torch.log(probabilities + 1e-10)).sum(dim=2)
+    index = entropy.argmin(dim=0)
+    return index, logits[index, torch.arange(logits.shape[1], device=logits.device)]
 
 
 class SubspacePrototypes:

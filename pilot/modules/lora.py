@@ -13,9 +13,11 @@ deltas to the slices a method chooses (InfLoRA: k, v; SD-LoRA: q, v), as both of
 The set holds no copy of the ViT, which keeps timm's weights and keys; the low-rank products are computed on
 the Linear's input (no second pass through the backbone); ``enabled = False`` (or ``with lora.disabled():``)
 gives the stock output exactly. A pair's matrices can be frozen (``freeze_pair``), the deltas merged into a
-stock ViT's ``qkv`` weights for deployment (``merge_into``), and the inputs of every ``qkv`` recorded
-(``record_inputs``: InfLoRA's input matrices). ``state_dict()`` holds the pairs, magnitudes and
-normalisation flags; loading one grows the set to the pairs it holds, with their ranks.
+stock ViT's ``qkv`` weights for deployment (``merge_into``), the inputs of every ``qkv`` recorded
+(``record_inputs``: InfLoRA's input matrices), the newest pair removed (``remove_last_pair``), and the pairs'
+directions compared by least squares (``direction_gram``, ``fit_last_direction``: SD-LoRA-KD). ``state_dict()``
+holds the pairs, magnitudes and normalisation flags; loading one grows the set to the pairs it holds, with their
+ranks.
 """
 from __future__ import annotations
 
@@ -163,6 +165,33 @@ class LoRASet(_HookedAdaptation):
         """From now on pair ``index`` contributes ``m * BA / (||B||_F ||A||_F)``: its direction times its magnitude."""
         self.normalised[index] = True
 
+    def remove_last_pair(self) -> None:
+        """Drop the newest pair (its matrices in every block and slice, its magnitude and flag)."""
+        for unit in self.units:
+            del unit.pairs[-1]
+        self.magnitudes = nn.ParameterList(list(self.magnitudes)[:-1])
+        self.normalised.pop()
+
+    @torch.no_grad()
+    def direction_gram(self) -> torch.Tensor:
+        """``G[i, j] = <d_i, d_j>`` (float64, on the CPU), where ``d_i`` stacks pair i's direction
+        ``B_i A_i / (||B_i||_F ||A_i||_F)`` of every block and slice into one vector (zero where B or A is zero).
+        From the low-rank factors, never the dense products: ``<B_i A_i, B_j A_j>_F = sum((B_i^T B_j) * (A_i A_j^T))``."""
+        gram = torch.zeros(len(self), len(self), dtype=torch.float64)
+        for unit in self.units:
+            for name in self.slices:
+                pairs = [pair[name] for pair in unit.pairs]
+                ups = [pair.up.double() for pair in pairs]
+                downs = [pair.down.double() for pair in pairs]
+                norms = [float(pair.norm_product()) or 1.0 for pair in pairs]  # a zero pair is a zero direction
+                for i in range(len(pairs)):
+                    for j in range(i + 1):
+                        inner = ((ups[i].T @ ups[j]) * (downs[i] @ downs[j].T)).sum().item() / (norms[i] * norms[j])
+                        gram[i, j] += inner
+                        if i != j:
+                            gram[j, i] += inner
+        return gram
+
     def delta_weights(self) -> list[torch.Tensor]:
         """Per block, the dense ``[3 dim, dim]`` qkv weight change of all pairs (magnitudes and norms applied):
         what the hook adds, written as a weight."""
@@ -208,6 +237,16 @@ class LoRASet(_HookedAdaptation):
         while f"{prefix}magnitudes.{len(self)}" in state_dict:
             down = state_dict[f"{prefix}units.0.pairs.{len(self)}.{self.slices[0]}.down"]
             self.add_pair(down.shape[0])
+
+
+def fit_last_direction(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Least squares of the last vector on the others, from their Gram matrix ``G`` (e.g. ``direction_gram``):
+    ``c = argmin ||d_last - sum_k c_k d_k||`` (the minimum-norm solution where the others are dependent) and that
+    residual's norm, ``sqrt(G_ll - 2 c.b + c^T G_p c)`` with ``b = G_p,l``."""
+    others, target = gram[:-1, :-1], gram[:-1, -1]
+    coefficients = torch.linalg.pinv(others, hermitian=True) @ target
+    squared = gram[-1, -1] - 2 * coefficients @ target + coefficients @ others @ coefficients
+    return coefficients, float(squared.clamp(min=0).sqrt())
 
 
 def _qkv_linear(block: nn.Module) -> nn.Linear:

@@ -1,6 +1,7 @@
-"""Weight-space merging operators: EMA, plain interpolation, diagonal Fisher and Fisher-weighted merging.
+"""Weight-space merging operators: EMA, plain interpolation, diagonal Fisher and Fisher-weighted merging,
+EMR-merging.
 
-Learners (LAE's offline PET, CoFiMA's task-wise merge) call these on ``state_dict``-like mappings
+Learners (LAE's offline PET, CoFiMA's task-wise merge, TUNA's universal adapter) call these on ``state_dict``-like mappings
 ``name -> tensor``; nothing here knows about tasks or heads.
 """
 
@@ -154,3 +155,36 @@ def fisher_merge(params_a: Weights, fisher_a: Weights, params_b: Weights, fisher
 
 def _capped(fisher: torch.Tensor, fisher_max: float | None) -> torch.Tensor:
     return fisher if fisher_max is None else fisher.clamp(max=fisher_max)
+
+
+@torch.no_grad()
+def emr_merge(vectors: list[Weights]) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], torch.Tensor]:
+    """EMR-merging (Huang et al., NeurIPS 2024; elect, mask, rescale) of task vectors, by name, as TUNA's code
+    (``emr_merge`` in LAMDA-CL/ICCV2025-TUNA@77d4f10 ``backbone/vit_tuna.py``) computes it:
+
+    * elect: ``flag = +1`` where the mean over tasks is > 0, else ``-1`` (a zero mean elects -1, as the code);
+      ``unified = flag * max_t |v_t * mask_t|``, the largest magnitude among the tasks that agree with the flag
+      (0 where none does);
+    * mask: ``mask_t = v_t * flag > 0``;
+    * rescale: ``rescaler_t = sum_n mean|v_t[n]| / sum_n mean|unified[n] * mask_t[n]|`` (inf where no entry of
+      ``v_t`` agrees with the flag, as the code's division).
+
+    Returns (unified, masks per task, rescalers); a task's model is ``rescaler_t * mask_t * unified``.
+    """
+    if not vectors:
+        raise ValueError("emr_merge needs at least one task vector")
+    for index, other in enumerate(vectors[1:], start=1):
+        _check_same_layout(vectors[0], other, "vectors[0]", f"vectors[{index}]")
+    unified: dict[str, torch.Tensor] = {}
+    masks: list[dict[str, torch.Tensor]] = [{} for _ in vectors]
+    scales, masked_scales = torch.zeros(len(vectors)), torch.zeros(len(vectors))
+    for name in vectors[0]:
+        stacked = torch.stack([vector[name] for vector in vectors])
+        flag = torch.where(stacked.mean(0) > 0, 1.0, -1.0).to(stacked)
+        agree = stacked * flag > 0
+        unified[name] = (stacked * agree).abs().amax(0) * flag
+        for t in range(len(vectors)):
+            masks[t][name] = agree[t]
+            scales[t] += stacked[t].abs().mean().cpu()
+            masked_scales[t] += (unified[name] * agree[t]).abs().mean().cpu()
+    return unified, masks, scales / masked_scales
