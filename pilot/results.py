@@ -109,6 +109,8 @@ class ResultsWriter:
             "seed": run.seed,
             "versions": versions(),
             "device": str(run.device),
+            # Results are bit-exact for a given thread count only: another count sums floats in another order.
+            "cpu_threads": torch.get_num_threads(),
             # The manifest digest of data prepared by `pilot data get` (None otherwise): summarize compares it.
             "dataset_manifest": recorded_digest(run.config.experiment),
             "backbones": run.backbone_facts(),

@@ -28,6 +28,7 @@ def test_end_to_end_outputs(tiny_config):
     assert saved["class_order"] == TaskStream(load_dataset(tiny_config().experiment), 4, 2, True, 1).order
     assert len(saved["accuracy_matrix"]) == 4 and saved["accuracy_matrix"][0][1] is None
     assert {"torch", "timm", "pilot"} <= set(saved["versions"])
+    assert saved["cpu_threads"] == torch.get_num_threads()
     assert (run_dir / "metrics.csv").read_text().count("\n") == 5
     assert (run_dir / "run.log").is_file() and any((run_dir / "tensorboard").iterdir())
     assert not list(run_dir.glob(".*.tmp")), "temporary files left behind"
