@@ -349,6 +349,14 @@ def importable(mirror: Path, folder: Path) -> Path:
     return source
 
 
+def same_batches(run: Run, banks: dict[str, torch.Tensor], schedule: "Schedule") -> "FakeDataManager":
+    """PILOT's data manager over the image banks, and pilot's train loader giving the same ``Batches`` over a
+    split's source indices (the memory appended as PILOT appends it)."""
+    run.ctx.train_loader = lambda split, batch_size, *_, **__: Batches(
+        split.indices, split.labels, banks["train"], batch_size, schedule.task, True, pilots=True)
+    return FakeDataManager(run, banks)
+
+
 def check_exemplar_learner(learner: str, broken: str = "", tasks: int = TASKS) -> dict:
     """iCaRL or DER: run both codes (PILOT's importable) on the first ``tasks`` tasks; one report per task."""
     with tempfile.TemporaryDirectory() as folder:
@@ -360,10 +368,7 @@ def check_exemplar_learner(learner: str, broken: str = "", tasks: int = TASKS) -
         torch.manual_seed(1)
         official = official_learner(learner, run, schedule)
         drawn = record_draws(official, learner)
-        data_manager = FakeDataManager(run, banks)
-        # pilot's loader: the same Batches over the split's source indices (memory appended as PILOT appends it)
-        run.ctx.train_loader = lambda split, batch_size, *_, **__: Batches(
-            split.indices, split.labels, banks["train"], batch_size, schedule.task, True, pilots=True)
+        data_manager = same_batches(run, banks, schedule)
         reports = []
         for task in run.stream.tasks:
             schedule.task = task.index
@@ -535,9 +540,7 @@ def check_profile_learner(learner: str, broken: str = "", tasks: int = TASKS) ->
         official = module.Learner(args)
         for patched in (models.base, module):
             patched.DataLoader = schedule.loader
-        data_manager = FakeDataManager(run, banks)
-        run.ctx.train_loader = lambda split, batch_size, *_, **__: Batches(
-            split.indices, split.labels, banks["train"], batch_size, schedule.task, True, pilots=True)
+        data_manager = same_batches(run, banks, schedule)
         drawn, lambdas, exact = {}, [], {}
         if learner == "ranpac":
             import pilot.learners.ranpac as ours_module
@@ -747,9 +750,7 @@ def check_prompt_learner(learner: str, broken: str = "", tasks: int = TASKS, off
         official = module.Learner(args)
         for patched in (models.base, module):
             patched.DataLoader = schedule.loader
-        data_manager = FakeDataManager(run, banks)
-        run.ctx.train_loader = lambda split, batch_size, *_, **__: Batches(
-            split.indices, split.labels, banks["train"], batch_size, schedule.task, True, pilots=True)
+        data_manager = same_batches(run, banks, schedule)
         ours, theirs = run.learner, official._network.backbone
         with torch.no_grad():  # PILOT's drawn prompts, keys and head into pilot's
             for _, mine, drawn in prompt_pairs(learner, ours, theirs):
