@@ -8,10 +8,26 @@ import torch
 
 from pilot.data.stream import Task
 from pilot.learners._gradient import GradientLearner
-from pilot.modules.heads import classify
+from pilot.modules.heads import classify, task_heads
+from pilot.modules.lora import attach_lora
 
 
 class LoRALearner(GradientLearner):
+    """Subclasses name the qkv slices their pairs adapt (``lora_slices``) and their heads' init (``head_init``)."""
+
+    lora_slices: tuple[str, ...] = ("q", "v")
+    head_init: str = "torch"
+
+    def __init__(self, config, ctx):
+        super().__init__(config, ctx)
+        self.vit = self.require_vit()
+        self.vit.requires_grad_(False)
+        self.net["lora"] = attach_lora(self.vit, self.lora_slices)
+        self.net["heads"] = task_heads(ctx.backbone.feature_dim, ctx.protocol.task_sizes, self.head_init)
+        self.net["heads"].requires_grad_(False)  # each trains in its own task only
+        self.net.to(ctx.device)
+        self.task_index = 0
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return classify(self.net["heads"], self.ctx.backbone(images))
 

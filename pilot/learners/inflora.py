@@ -33,8 +33,6 @@ from pilot.errors import PilotError
 from pilot.learners import register_learner
 from pilot.learners._gradient import TrainConfig, validate_train_config
 from pilot.learners._lora import LoRALearner
-from pilot.modules.heads import task_heads
-from pilot.modules.lora import attach_lora
 
 
 @dataclass
@@ -133,16 +131,12 @@ class InfLoRA(LoRALearner):
     official_variant = "coda_prompt"  # the official CIFAR transforms: RandomResizedCrop(224), flip; Resize(224); no normalisation
     scenarios = ("class", "task")
 
+    lora_slices = ("k", "v")
+    head_init = "torch"  # nn.Linear per task
+
     def __init__(self, config: InfLoRAConfig, ctx):
         super().__init__(config, ctx)
-        self.vit = self.require_vit()
-        self.vit.requires_grad_(False)
-        self.net["lora"] = attach_lora(self.vit, ("k", "v"))
-        self.net["heads"] = task_heads(ctx.backbone.feature_dim, ctx.protocol.task_sizes, "torch")  # nn.Linear per task
-        self.net["heads"].requires_grad_(False)  # each trains in its own task only
-        self.net.to(ctx.device)
         self.subspaces = DualGPM()
-        self.task_index = 0
 
     @classmethod
     def validate_config(cls, config: InfLoRAConfig) -> None:

@@ -39,8 +39,7 @@ from pilot.errors import PilotError
 from pilot.learners import register_learner
 from pilot.learners._gradient import TrainConfig, validate_train_config
 from pilot.learners._lora import LoRALearner
-from pilot.modules.heads import task_heads
-from pilot.modules.lora import attach_lora, fit_last_direction
+from pilot.modules.lora import fit_last_direction
 
 
 @dataclass
@@ -69,15 +68,8 @@ class SDLoRA(LoRALearner):
     official_variant = "default"  # the official data code is PILOT's
     scenarios = ("class", "task")
 
-    def __init__(self, config: SDLoRAConfig, ctx):
-        super().__init__(config, ctx)
-        self.vit = self.require_vit()
-        self.vit.requires_grad_(False)
-        self.net["lora"] = attach_lora(self.vit, ("q", "v"))
-        self.net["heads"] = task_heads(ctx.backbone.feature_dim, ctx.protocol.task_sizes, "kaiming")  # SimpleLinear
-        self.net["heads"].requires_grad_(False)  # each trains in its own task only
-        self.net.to(ctx.device)
-        self.task_index = 0
+    lora_slices = ("q", "v")
+    head_init = "kaiming"  # PILOT's SimpleLinear
 
     @classmethod
     def validate_config(cls, config: SDLoRAConfig) -> None:
