@@ -64,6 +64,64 @@ def test_prediction_takes_per_class_the_more_confident_pet(tmp_path):
     torch.testing.assert_close(learner.predict(tasks[0].test)[: len(images)], torch.maximum(online, offline).log())
 
 
+@pytest.mark.parametrize("freeze_first_task", [False, True])
+def test_the_pet_is_frozen_in_the_first_task_only_under_pilots_rule(tmp_path, freeze_first_task):
+    run = Run(build_config(lae_raw(tmp_path, tuned_epoch=2, num_freeze_epochs=1,
+                                   freeze_first_task=freeze_first_task)))
+    learner = run.learner
+    initial, at_epoch_start, begin_epoch = pet_state(learner, "online"), [], learner.begin_epoch
+
+    def recording_begin_epoch(task, epoch):
+        begin_epoch(task, epoch)
+        at_epoch_start.append((pet_state(learner, "online"), learner.net["online"].tokens.prompts.requires_grad))
+
+    learner.begin_epoch = recording_begin_epoch
+    learner.fit(run.stream.tasks[0])
+    (_, trains_first), (after_first, trains_second) = at_epoch_start
+    assert (trains_first, trains_second) == (not freeze_first_task, True)
+    moved_in_first = not torch.equal(after_first["tokens.prompts"], initial["tokens.prompts"])
+    assert moved_in_first != freeze_first_task
+    assert not torch.equal(pet_state(learner, "online")["tokens.prompts"], after_first["tokens.prompts"])
+
+
+def test_offline_pet_from_the_start_is_the_ema_from_the_first_step_and_votes_in_the_first_task(tmp_path, monkeypatch):
+    run = Run(build_config(lae_raw(tmp_path, ema_decay=0.5, offline_from_start=True)))
+    learner, tasks = run.learner, run.stream.tasks
+    images = next(iter(run.ctx.eval_loader(tasks[0].test)))[0]
+    expected, sources = pet_state(learner, "online"), []  # the offline PET starts as the online one
+    assert all(torch.equal(v, learner.net["offline"].state_dict()[k]) for k, v in expected.items())
+
+    def recording_ema_update(target, source, alpha):
+        sources.append({k: v.clone() for k, v in source.state_dict().items()})
+        ema_update(target, source, alpha)
+
+    monkeypatch.setattr(lae_module, "ema_update", recording_ema_update)
+    learner.fit(tasks[0])
+    with torch.no_grad():  # both PETs vote after the first task
+        online, offline = (F.softmax(learner.pet_logits(images, learner.net[pet])[:, :4], dim=1)
+                           for pet in ("online", "offline"))
+    assert not torch.allclose(online, offline)
+    torch.testing.assert_close(learner.predict(tasks[0].test)[: len(images)], torch.maximum(online, offline).log())
+    learner.fit(tasks[1])  # not copied from the online PET when the second task starts
+    assert len(sources) == 4 + 2  # 32 and 16 images, batch 8, 1 epoch
+    for online in sources:
+        expected = {k: 0.5 * expected[k] + 0.5 * online[k] for k in expected}
+    for key, value in learner.net["offline"].state_dict().items():
+        torch.testing.assert_close(value, expected[key])
+
+
+def test_pilots_head_is_kaiming_uniform_with_zero_bias_and_the_default_is_the_official_normal(tmp_path):
+    default = Run(build_config(lae_raw(tmp_path / "default"))).learner
+    assert (default.config.head_init, default.config.freeze_first_task, default.config.offline_from_start) == \
+        ("normal", False, False)
+    torch.testing.assert_close(default.net["head"].weight.std().item(), 0.001, rtol=0.05, atol=0)
+    kaiming = Run(build_config(lae_raw(tmp_path / "kaiming", head_init="kaiming"))).learner.net["head"]
+    bound = (3 / kaiming.in_features) ** 0.5  # Kaiming uniform, gain 1 (a linear layer): U(+-sqrt(3 / fan_in))
+    assert kaiming.weight.abs().max() <= bound and kaiming.weight.abs().max() > 0.99 * bound
+    torch.testing.assert_close(kaiming.weight.std().item(), bound / 3 ** 0.5, rtol=0.05, atol=0)
+    assert torch.equal(kaiming.bias, torch.zeros_like(kaiming.bias))
+
+
 def test_the_vit_stays_frozen_and_is_not_copied(tmp_path):
     run = Run(build_config(lae_raw(tmp_path)))
     vit_weights = {k: v.clone() for k, v in run.ctx.backbone.state_dict().items()}
@@ -102,6 +160,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     ({"num_freeze_epochs": 1}, r"num_freeze_epochs \(1\) must lie in 0..tuned_epoch - 1 \(0\)"),
     ({"pet_cls": "Adapter"}, "pet_cls 'Adapter' is not implemented"),
+    ({"head_init": "xavier"}, "head_init must be one of trunc_normal, normal, kaiming"),
     ({"adapt_blocks": [0, 4]}, r"adapt_blocks \[0, 4\] names blocks outside the backbone's 0..1"),
 ])
 def test_bad_settings_are_clear_errors(tmp_path, overrides, message):

@@ -94,3 +94,60 @@ def test_dualprompt_differs_from_pilots_own_code_by_its_prefix_layout_alone(offi
         assert not first["agree"] and first["max_parameter_relative"] > 1e-2
     if broken:
         assert first["agree"] and not report["tasks"][1]["agree"]  # the E-prompt copy happens at task 2
+
+
+@pytest.mark.parametrize("learner, broken", [("fecam", ""), ("fecam", "covariance_ridge"), ("aper_adapter", ""),
+                                             ("aper_adapter", "pretrained_branch")])
+def test_fecam_and_aper_adapter_profiles_agree_with_pilots_own_code_and_the_check_can_fail(official, learner, broken):
+    """Both adapt on the first task as PILOT does (adapters, task-1 cosine head); FeCAM's means and precisions
+    (PILOT's covariance, corrcoef(Σ + 100 I)) and APER's prototypes of [pre-trained, adapted] features agree, and
+    so do the logits; a pilot-side change to what the classifier is built from is caught."""
+    with contextlib.redirect_stdout(sys.stderr):
+        report = replay.check(learner, broken, tasks=2)
+    assert report["agree"] is (broken == ""), report
+    for task in report["tasks"]:
+        assert task["adapters_moved_by"] > 1e-3  # trained adapters were compared
+        assert task["adapters_relative"] <= replay.PARAMETER_TOLERANCE
+        assert task["task1_head_relative"] <= replay.PARAMETER_TOLERANCE
+        assert (task["classifier_relative"] > 100 * replay.PARAMETER_TOLERANCE) is bool(broken), task
+
+
+@pytest.mark.parametrize("broken", ["", "lae_offline_start", "lae_first_freeze"])
+def test_lae_profile_agrees_with_pilots_own_code_and_the_check_can_fail(official, broken):
+    """LAE under the PILOT profile: online and offline PETs, head and ensemble probabilities agree with PILOT's
+    models/lae.py after every task; either PILOT rule switched off on pilot's side is caught at the first task."""
+    with contextlib.redirect_stdout(sys.stderr):
+        report = replay.check("lae", broken, tasks=2)
+    assert report["agree"] is (broken == ""), report
+    first = report["tasks"][0]
+    assert first["agree"] is (broken == ""), first
+    assert first["online_pet_moved_by"] > 1e-4  # trained PETs were compared
+    if not broken:  # PILOT's offline PET follows from the first task, and so does pilot's
+        assert first["offline_pet_moved_by"] > 1e-4 and first["offline_pet_relative"] <= replay.ADAM_TOLERANCE
+        assert all(t["eval_cnn_predictions_identical"] for t in report["tasks"])
+
+
+def test_p1_banks_give_both_codes_the_same_augmented_batches(tmp_path):
+    run = replay.pilot_run("icarl", tmp_path, "", 2)
+    banks = replay.image_banks(run, augment=True)
+    split = run.stream.tasks[0].train
+    theirs = replay.Batches(split.indices, split.labels, banks["train"], 4, 0, True)
+    ours = replay.Batches(split.indices, split.labels, banks["train"], 4, 0, True, pilots=True)
+    for epoch in range(2):
+        for (_, their_images, their_labels), (our_images, our_labels, _) in zip(theirs, ours):
+            assert torch.equal(their_images, our_images) and torch.equal(their_labels, our_labels)
+    ids = split.indices[:3]
+    first = banks["train"].augmented(ids, 0, 0)
+    assert torch.equal(first, banks["train"].augmented(ids, 0, 0))  # one seed per (task, epoch, image)
+    assert not torch.equal(first, banks["train"].augmented(ids, 0, 1))  # a new draw each epoch
+    assert not torch.equal(first, banks["train"][torch.from_numpy(ids)])  # augmented, not the eval images
+    unshuffled = replay.Batches(split.indices, split.labels, banks["train"], 4, 0, False)
+    assert torch.equal(next(iter(unshuffled))[1], banks["train"][torch.from_numpy(split.indices[:4])])
+
+
+@pytest.mark.parametrize("flags", [["--learner", "l2p"], ["--break", "kd_temperature"]])
+def test_p1_protocol_runs_icarl_and_der_as_they_are(flags, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["lamda_official_replay.py", "--protocol", "p1", *flags])
+    with pytest.raises(SystemExit) as stop:
+        replay.main()
+    assert stop.value.code == 2 and "--protocol p1 runs icarl and der as they are" in capsys.readouterr().err

@@ -2,12 +2,18 @@
 the same batches, the same freshly drawn heads, prompts, keys, adapters and random projection; after every task the
 trained parameters and the test logits (and for iCaRL/DER the exemplar memory and NME class means) must agree.
 
-- ``icarl``, ``der`` (issue 23): pilot's learners as configured here (PILOT's values, small).
+- ``icarl``, ``der`` (issue 23): pilot's learners as configured here (PILOT's values, small); with ``--protocol p1``
+  on P1 itself (DeiT-Tiny, CIFAR-100's P1 subset, PILOT's config and transforms, each training image augmented by
+  PILOT's train transform from one seed per task, epoch and image, the same tensors given to both codes).
 - ``simplecil``, ``ranpac``, ``l2p``, ``dualprompt`` (issue 21): pilot under its PILOT profile
   (``exps/reproduce/pilot/<learner>.json``'s method keys), the training keys small on both sides. Found: RanPAC's
   logits (pilot ``h @ W_o``, PILOT a cosine head on W_o's rows) and PILOT's float32 ridge (its lambda choice and
   solve break down at small lambda); DualPrompt's E-prefix layout in PILOT's ``backbone/prompt.py`` (a reshape that
   deals a batch's key/value halves over its samples; ``--official-fix prefix_layout`` shows it is the whole gap).
+- ``fecam``, ``aper_adapter`` (issue 21): the same, both adapting PILOT's AdaptFormer ViT on the first task; FeCAM
+  with ``pilot_covariance: true`` (PILOT's covariance, set by the profile).
+- ``lae`` (issue 21): the same, on PILOT's LAE ViT (``backbone/vit_lae.py``) with its drawn Prefix PETs and head
+  rows; the online and offline PETs, the head and the ensemble's probabilities are compared after every task.
 
 PILOT is exported at the pinned commit (``tools/lamda_pilot.py``'s ``COMMIT``) into a temporary folder and imported
 in this process only; nothing of it enters pilot. What is replaced around PILOT's learners, and why (``PATCHES``;
@@ -29,6 +35,7 @@ iCaRL and DER):
     python tools/lamda_official_replay.py                      # every learner; --learner icarl | der | ...
     python tools/lamda_official_replay.py --break kd_temperature  # must print "agree": false
     python tools/lamda_official_replay.py --learner dualprompt --official-fix prefix_layout  # agrees
+    python tools/lamda_official_replay.py --protocol p1 --learner der --assets ../shared/assets  # ~40 min, 1 thread
 
 Exit status 0 when every task agrees within the tolerance; prints the largest differences as JSON.
 """
@@ -74,7 +81,11 @@ BREAKS = {"kd_temperature": "pilot's iCaRL distils at T = 1 (PILOT at T = 2)",
           "prototype_images": "pilot's SimpleCIL leaves each class's last training image out of its prototype",
           "adapter_scale": "pilot's RanPAC adapters scale their branch by 0.2 (PILOT's ffn_adapter_scalar 0.1)",
           "prompt_position": "pilot's L2P adds no position embedding to its prompt tokens (PILOT: the [CLS] one)",
-          "shared_prompt_pool": "pilot's DualPrompt starts each task's E-prompt afresh (PILOT: from the previous task's)"}
+          "shared_prompt_pool": "pilot's DualPrompt starts each task's E-prompt afresh (PILOT: from the previous task's)",
+          "covariance_ridge": "pilot's FeCAM ridges PILOT's covariance with 10 I before its corrcoef (PILOT: 100 I)",
+          "pretrained_branch": "pilot's APER concatenates the adapted features twice (PILOT: pre-trained, adapted)",
+          "lae_offline_start": "pilot's LAE with offline_from_start false (offline PET copied at task 2, as gqk/LAE)",
+          "lae_first_freeze": "pilot's LAE with freeze_first_task false (PET trains from task 1's first epoch)"}
 PATCHES = ["timm.models.layers.weight_init -> timm.layers.weight_init (import alias)",
            "utils.inc_net.get_backbone -> a copy of pilot's tiny random ViT, out_dim = its width",
            "DataLoader in models.base, models.icarl, models.der -> fixed batches of the same images",
@@ -95,7 +106,18 @@ PATCHES = ["timm.models.layers.weight_init -> timm.layers.weight_init (import al
            "loaded through its own checkpoint_filter_fn; args: PILOT's exps/<learner>.json with tuned_epoch 2, "
            "init_lr 0.01, batch_size 4",
            "--official-fix prefix_layout only: backbone/prompt.py EPrompt.forward's key/value axes moved before "
-           "its reshape (a diagnosis)"]
+           "its reshape (a diagnosis)",
+           "fecam, aper_adapter: utils.inc_net.get_backbone -> the adapter ViT as for ranpac (its adapters' dropout "
+           "0 on both sides), and for APER's pre-trained branch (backbone_type without _adapter) a copy of pilot's "
+           "tiny random ViT (eval mode); the drawn task-1 cosine head and its trained weights and sigma recorded "
+           "(update_fc and _init_train wrapped), the drawn head copied into pilot's",
+           "fecam: save_checkpoint -> nothing (it writes a .pkl into the working folder after the first task)",
+           "lae: timm.models.layers.helpers -> timm.layers.helpers (import alias, as for weight_init); "
+           "utils.inc_net.get_backbone -> backbone/vit_lae.py's VisionTransformer at the tiny ViT's size (depth "
+           "5: PILOT's LAE net hard-codes prefixes in blocks 0-4), loaded through its own checkpoint_filter_fn; the LAE "
+           "net's backbone.out_dim 768 (hard-coded) -> the tiny width; update_fc wrapped to record each task's drawn "
+           "head rows; PILOT's drawn PETs and head rows copied into pilot's; args: PILOT's exps/lae.json with "
+           "tuned_epoch 2, num_freeze_epochs 1, init_lr 0.01, batch_size 4, ema_decay 0.5"]
 
 
 def pilot_run(learner: str, folder: Path, broken: str, tasks: int) -> Run:
@@ -111,11 +133,36 @@ def pilot_run(learner: str, folder: Path, broken: str, tasks: int) -> Run:
         return Run(build_config(raw))
 
 
+class Bank:
+    """The stream's images of one source (``train`` or ``test``) by source index, through pilot's eval transform;
+    with ``augment`` (P1), a shuffled loader's images are instead drawn through pilot's train transform from one
+    seed per (task, epoch, image): the same crops and flips for the same image, whichever code asks."""
+
+    def __init__(self, run: Run, part: str, augment: bool = False):
+        splits = [getattr(t, part) for t in run.stream.tasks]
+        ids = np.concatenate([split.indices for split in splits])
+        self.size, self.source = len(splits[0].source), splits[0].source
+        self.rows = {int(i): row for row, i in enumerate(ids)}
+        self.images = torch.cat([run.ctx.encode(lambda images: images, split) for split in splits])
+        self.train_transform = run.ctx.train_transform() if augment else None
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.images[torch.tensor([self.rows[int(i)] for i in ids], dtype=torch.long)]
+
+    def augmented(self, ids: np.ndarray, task: int, epoch: int) -> torch.Tensor:
+        images = []
+        for i in ids:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((1000 * task + epoch) * self.size + int(i))
+                images.append(self.train_transform(self.source.load(int(i))))
+        return torch.stack(images)
+
+
 class Batches:
     """One task's batches, re-ordered each epoch (each time it is iterated) by one random key per source index:
-    the same order for the same images, whichever code asks."""
+    the same order (and under P1 the same augmentation) for the same images, whichever code asks."""
 
-    def __init__(self, ids: np.ndarray, labels: np.ndarray, images: torch.Tensor, batch_size: int, task: int,
+    def __init__(self, ids: np.ndarray, labels: np.ndarray, images: Bank, batch_size: int, task: int,
                  shuffle: bool, pilots: bool = False):
         self.ids, self.labels, self.images = np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), images
         self.batch_size, self.task, self.shuffle, self.epoch = batch_size, task, shuffle, 0
@@ -125,15 +172,18 @@ class Batches:
         return -(-len(self.ids) // self.batch_size)
 
     def __iter__(self):
-        order = np.arange(len(self.ids))
+        order, epoch = np.arange(len(self.ids)), self.epoch
+        augment = self.shuffle and self.images.train_transform is not None
         if self.shuffle:
-            keys = torch.rand(int(self.images.shape[0]), generator=torch.Generator().manual_seed(
+            keys = torch.rand(self.images.size, generator=torch.Generator().manual_seed(
                 1000 * self.task + self.epoch)).numpy()
             order = np.argsort(keys[self.ids], kind="stable")
             self.epoch += 1
         for start in range(0, len(order), self.batch_size):
             rows = order[start: start + self.batch_size]
-            positions, images = torch.from_numpy(rows), self.images[torch.from_numpy(self.ids[rows])]
+            positions = torch.from_numpy(rows)
+            images = (self.images.augmented(self.ids[rows], self.task, epoch) if augment
+                      else self.images[torch.from_numpy(self.ids[rows])])
             labels = torch.from_numpy(self.labels[rows])
             yield (images, labels, positions) if self.pilots else (positions, images, labels)
 
@@ -141,7 +191,7 @@ class Batches:
 class FakeDataset:
     """PILOT's ``DummyDataset`` without its transform: ``images`` are sample ids into ``bank``."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, bank: torch.Tensor):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, bank: Bank):
         self.images, self.labels, self.bank = images, labels, bank
 
     def __len__(self) -> int:
@@ -152,7 +202,7 @@ class FakeDataManager:
     """PILOT's ``DataManager`` over fixed tensors: per source, the ids and labels of pilot's splits (task order,
     within a class pilot's split order), and a bank of eval-transformed images indexed by id."""
 
-    def __init__(self, run: Run, banks: dict[str, torch.Tensor]):
+    def __init__(self, run: Run, banks: dict[str, Bank]):
         self.banks, self.sizes = banks, [len(t.classes) for t in run.stream.tasks]
         self.rows = {part: (np.concatenate([getattr(t, part).indices for t in run.stream.tasks]),
                             np.concatenate([getattr(t, part).labels for t in run.stream.tasks]))
@@ -183,20 +233,34 @@ class Schedule:
         return Batches(dataset.images, dataset.labels, dataset.bank, batch_size, self.task, shuffle)
 
 
-def image_banks(run: Run) -> dict[str, torch.Tensor]:
-    """Per source, every image of the stream's tasks through pilot's eval transform, at its source index."""
-    banks = {}
-    for part in ("train", "test"):
-        splits = [getattr(t, part) for t in run.stream.tasks]
-        bank = torch.zeros(len(splits[0].source), 3, TINY_VIT["img_size"], TINY_VIT["img_size"])
-        for split in splits:
-            bank[torch.from_numpy(split.indices)] = run.ctx.encode(lambda images: images, split)
-        banks[part] = bank
-    return banks
+def image_banks(run: Run, augment: bool = False) -> dict[str, Bank]:
+    """Per source, every image of the stream's tasks through pilot's eval transform, by source index; ``augment``:
+    shuffled training batches through pilot's train transform."""
+    return {"train": Bank(run, "train", augment), "test": Bank(run, "test")}
 
 
-def official_learner(learner: str, run: Run, schedule: Schedule):
-    """PILOT's Learner of ``learner`` around a copy of pilot's untrained backbone, on the CPU."""
+def p1_run(learner: str, folder: Path) -> Run:
+    """pilot's ``exps/<learner>_p1.json`` with PILOT's transforms (its side-by-side setting), DeiT-Tiny and CIFAR-100
+    from PILOT_WEIGHTS_DIR and PILOT_DATA_DIR."""
+    from pilot.config import load_raw
+    raw = {**load_raw(ROOT / "exps" / f"{learner}_p1.json"), "preprocess": "pilot", "log_dir": str(folder / "logs"),
+           "progress": False, "device": ["cpu"]}
+    with warnings.catch_warnings():  # the late-milestone warnings are not news here
+        warnings.simplefilter("ignore")
+        return Run(build_config(raw))
+
+
+def p1_args(learner: str) -> dict:
+    """PILOT's ``exps/<learner>.json`` with pilot's P1 keys laid over it, as ``tools/lamda_pilot.py`` runs PILOT."""
+    import models.base
+    from lamda_pilot import p1_config
+    source = Path(models.base.__file__).resolve().parents[1]
+    return {**p1_config(source, learner, Path()), "device": ["cpu"]}
+
+
+def official_learner(learner: str, run: Run, schedule: Schedule, args: dict | None = None):
+    """PILOT's Learner of ``learner`` around a copy of pilot's untrained backbone, on the CPU (``args``: PILOT's
+    config; the tiny settings if None)."""
     import models.base
     import models.der
     import models.icarl
@@ -204,9 +268,9 @@ def official_learner(learner: str, run: Run, schedule: Schedule):
 
     backbone = copy.deepcopy(run.ctx.backbone)
     backbone.out_dim = run.ctx.backbone.feature_dim
-    args = {"model_name": learner, "backbone_type": "vit_tiny_patch16_224", "device": ["cpu"],
-            "memory_size": MEMORY_SIZE, "memory_per_class": 0, "fixed_memory": False, "init_cls": 2, "increment": 2,
-            "T": 2, **SETTINGS}
+    args = args or {"model_name": learner, "backbone_type": "vit_tiny_patch16_224", "device": ["cpu"],
+                    "memory_size": MEMORY_SIZE, "memory_per_class": 0, "fixed_memory": False, "init_cls": 2,
+                    "increment": 2, "T": 2, **SETTINGS}
     inc_net.get_backbone = lambda *_: copy.deepcopy(backbone)  # DERNet calls it in every update_fc
     official = (models.icarl if learner == "icarl" else models.der).Learner(args)
     for module in (models.base, models.icarl, models.der):
@@ -281,6 +345,20 @@ def our_head(run: Run, learner: str, task) -> tuple[torch.Tensor, torch.Tensor]:
     return run.learner.net["head"].weight, run.learner.net["head"].bias
 
 
+def accuracy(predictions: torch.Tensor, labels: np.ndarray) -> float:
+    return round(100.0 * float((predictions.numpy() == labels).mean()), 2)
+
+
+def curves(reports: list[dict]) -> dict:
+    """Each side's CNN and NME accuracy after every task, and their averages (Ā)."""
+    out = {}
+    for key in ("cnn_accuracy", "cnn_accuracy_ours", "nme_accuracy", "nme_accuracy_ours"):
+        curve = [t[key] for t in reports]
+        out[key.replace("accuracy", "curve")] = curve
+        out[key.replace("accuracy", "average")] = round(sum(curve) / len(curve), 2)
+    return out
+
+
 def compare_task(run: Run, official, learner: str, task, banks, initial) -> dict:
     ours = run.learner
     seen = run.stream.tasks[: task.index + 1]
@@ -332,7 +410,10 @@ def compare_task(run: Run, official, learner: str, task, banks, initial) -> dict
               "max_cnn_logit_difference": logit_diff, "cnn_logit_relative": logit_relative,
               "cnn_predictions_identical": our_cnn.argmax(1).tolist() == their_cnn.argmax(1).tolist(),
               "nme_predictions_identical": our_nme.argmax(1).tolist() == their_nme[:, 0].tolist(),
-              "cnn_accuracy": 100.0 * float((their_cnn.argmax(1).numpy() == test_labels).mean())}
+              "cnn_accuracy": accuracy(their_cnn.argmax(1), test_labels),
+              "cnn_accuracy_ours": accuracy(our_cnn.argmax(1), test_labels),
+              "nme_accuracy": accuracy(torch.as_tensor(their_nme[:, 0]), test_labels),
+              "nme_accuracy_ours": accuracy(our_nme.argmax(1), test_labels)}
     report["agree"] = (relative <= PARAMETER_TOLERANCE and logit_relative <= PARAMETER_TOLERANCE
                        and mean_diff <= PARAMETER_TOLERANCE and report["memory_identical"]
                        and report["cnn_predictions_identical"] and report["nme_predictions_identical"])
@@ -349,7 +430,7 @@ def importable(mirror: Path, folder: Path) -> Path:
     return source
 
 
-def same_batches(run: Run, banks: dict[str, torch.Tensor], schedule: "Schedule") -> "FakeDataManager":
+def same_batches(run: Run, banks: dict[str, Bank], schedule: "Schedule") -> "FakeDataManager":
     """PILOT's data manager over the image banks, and pilot's train loader giving the same ``Batches`` over a
     split's source indices (the memory appended as PILOT appends it)."""
     run.ctx.train_loader = lambda split, batch_size, *_, **__: Batches(
@@ -357,16 +438,17 @@ def same_batches(run: Run, banks: dict[str, torch.Tensor], schedule: "Schedule")
     return FakeDataManager(run, banks)
 
 
-def check_exemplar_learner(learner: str, broken: str = "", tasks: int = TASKS) -> dict:
-    """iCaRL or DER: run both codes (PILOT's importable) on the first ``tasks`` tasks; one report per task."""
+def check_exemplar_learner(learner: str, broken: str = "", tasks: int = TASKS, protocol: str = "tiny") -> dict:
+    """iCaRL or DER: run both codes (PILOT's importable) on the first ``tasks`` tasks; one report per task.
+    ``protocol`` "p1": P1 itself (DeiT-Tiny, CIFAR-100's subset, PILOT's transforms and augmentation, its config)."""
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
-        run = pilot_run(learner, Path(folder), broken, tasks)
-        banks = image_banks(run)
+        run = p1_run(learner, Path(folder)) if protocol == "p1" else pilot_run(learner, Path(folder), broken, tasks)
+        banks = image_banks(run, augment=protocol == "p1")
         initial = copy.deepcopy(run.ctx.backbone)
         schedule = Schedule()
         torch.manual_seed(1)
-        official = official_learner(learner, run, schedule)
+        official = official_learner(learner, run, schedule, p1_args(learner) if protocol == "p1" else None)
         drawn = record_draws(official, learner)
         data_manager = same_batches(run, banks, schedule)
         reports = []
@@ -387,9 +469,11 @@ def check_exemplar_learner(learner: str, broken: str = "", tasks: int = TASKS) -
             run._update_memory(task)
             run.learner.__dict__.pop("begin_task", None)
             reports.append(compare_task(run, official, learner, task, banks, initial))
+            print(json.dumps({k: v for k, v in reports[-1].items() if not k.startswith("memory_")}), flush=True)
             official.after_task()
         run.ctx.access.open()
-    return {"learner": learner, "tasks": reports, "agree": all(t["agree"] for t in reports)}
+    return {"learner": learner, "protocol": protocol, "tasks": reports, **curves(reports),
+            "agree": all(t["agree"] for t in reports)}
 
 
 # --- the PILOT-profile learners: SimpleCIL and RanPAC (issue 21) ------------------------------------------------------
@@ -398,8 +482,17 @@ PROMPT_SETTINGS = {"tuned_epoch": 2, "init_lr": 0.01, "batch_size": 4}  # the re
 PROFILE_SETTINGS = {  # PILOT's exps/<learner>.json training keys at small values, on both sides (the rest: the
     "simplecil": {},  # profile on pilot's side, PILOT's own json or the same keys on PILOT's)
     "ranpac": {"tuned_epoch": 2, "init_lr": 0.1, "batch_size": 4, "M": 48, "ffn_num": 8},
-    "l2p": PROMPT_SETTINGS, "dualprompt": PROMPT_SETTINGS}
-DEPTH = {"dualprompt": 5}  # DualPrompt's G-prompts in blocks 0-1 and E-prompts in 2-4, as PILOT's exps/dualprompt.json
+    "l2p": PROMPT_SETTINGS, "dualprompt": PROMPT_SETTINGS,
+    # init_lr 1 (RanPAC's 0.1 moves the adapters, up-projection drawn at 0, 12x less): APER's two branches then
+    # differ by 4e-3 relative (--break pretrained_branch), well above the tolerance
+    "fecam": {"tuned_epoch": 2, "init_lr": 1.0, "batch_size": 4, "ffn_num": 8},
+    "aper_adapter": {"tuned_epoch": 2, "init_lr": 1.0, "batch_size": 4, "ffn_num": 8},
+    # one frozen and one training epoch in every task; ema_decay 0.5 so that the offline PET visibly follows;
+    # init_lr 1e-4 (PILOT's 2.8e-3 moves the PET 10x its U(0, 0.01) draw in 3 steps and Adam then amplifies the
+    # two codes' rounding to 1e-2 relative; with SGD at lr 0.3 both agree to 2e-6 relative after moves of 0.9)
+    "lae": {"tuned_epoch": 2, "num_freeze_epochs": 1, "init_lr": 1e-4, "batch_size": 4, "ema_decay": 0.5}}
+DEPTH = {"dualprompt": 5,  # DualPrompt's G-prompts in blocks 0-1 and E-prompts in 2-4, as PILOT's exps/dualprompt.json
+         "lae": 5}  # PILOT's LAE net puts prefixes in blocks 0-4 (hard-coded adapt_blocks)
 
 
 def profile_keys(learner: str) -> dict:
@@ -424,7 +517,7 @@ def profile_run(learner: str, folder: Path, tasks: int) -> Run:
 
 def official_args(learner: str, run: Run) -> dict:
     settings = {**profile_keys(learner), **PROFILE_SETTINGS[learner]}
-    suffix = "_adapter" if learner == "ranpac" else ""
+    suffix = "_adapter" if learner in ("ranpac", "fecam", "aper_adapter") else ""
     return {**settings, "model_name": learner, "backbone_type": f"pretrained_vit_b16_224{suffix}", "device": ["cpu"],
             "memory_size": 0, "memory_per_class": 0, "fixed_memory": False, "init_cls": 2, "increment": 2,
             "nb_classes": sum(len(t.classes) for t in run.stream.tasks)}
@@ -483,10 +576,13 @@ def copy_adapters(official, run: Run, broken: str) -> None:
                 unit.scale = 0.2
 
 
-def adapter_pairs(official, run: Run) -> list:
+def adapter_pairs(official, run: Run, adapted: torch.nn.Module | None = None) -> list:
+    """(name, pilot's, PILOT's) per adapter tensor; ``adapted``: PILOT's adapter ViT where it is no longer
+    ``_network.backbone`` (APER's dual-branch network)."""
+    blocks = (adapted or official._network.backbone).blocks
     return [(f"adapter{i}.{ours}.{kind}", getattr(getattr(unit, ours), kind),
              getattr(getattr(block.adaptmlp, theirs), kind))
-            for i, (block, unit) in enumerate(zip(official._network.backbone.blocks, run.learner.net["adaptation"].units))
+            for i, (block, unit) in enumerate(zip(blocks, run.learner.net["adaptation"].units))
             for ours, theirs in (("down", "down_proj"), ("up", "up_proj")) for kind in ("weight", "bias")]
 
 
@@ -787,8 +883,238 @@ def check_prompt_learner(learner: str, broken: str = "", tasks: int = TASKS, off
     return {"learner": learner, "tasks": reports, "agree": all(t["agree"] for t in reports)}
 
 
+P1_LEARNERS = ["icarl", "der"]  # --protocol p1
+# --- FeCAM and APER (adapter) under the PILOT profile (issue 21) ------------------------------------------------------
+
+
+def their_fecam_precisions(official) -> torch.Tensor:
+    """What PILOT's ``_mahalanobis`` inverts per class (``models/fecam.py`` line 147): pinv of its stored matrix."""
+    return torch.stack([torch.linalg.pinv(cov).float() for cov in official.cov_mats])
+
+
+def check_adapted_learner(learner: str, broken: str = "", tasks: int = TASKS) -> dict:
+    """FeCAM or APER (adapter) under pilot's PILOT profile beside PILOT's ``models/<learner>.py``: both train
+    AdaptFormer adapters with a temporary cosine head on the first task (PILOT's drawn adapters and head copied into
+    pilot's, dropout off), then FeCAM keeps per class the mean and PILOT's covariance of the adapted features
+    (``pilot_covariance``), APER cosine prototypes of the pre-trained and the adapted features concatenated."""
+    import models.base
+    import utils.inc_net as inc_net
+    from pilot.modules import gaussians
+    module = __import__(f"models.{learner}", fromlist=["Learner"])
+    with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as patches:
+        torch.manual_seed(0)
+        run = profile_run(learner, Path(folder), tasks)
+        banks = image_banks(run)
+        schedule = Schedule()
+        args = {**official_args(learner, run), "dataset": "synthetic"}  # FeCAM names its checkpoint with it
+        plain = copy.deepcopy(run.ctx.backbone).eval()  # APER's pre-trained branch
+        plain.out_dim = run.ctx.backbone.feature_dim
+        patches.enter_context(mock.patch.object(inc_net, "get_backbone", lambda wanted, *_: (
+            adapter_vit(run, args) if "_adapter" in wanted["backbone_type"] else copy.deepcopy(plain))))
+        torch.manual_seed(1)
+        official = module.Learner(args)
+        official.save_checkpoint = lambda *_: None
+        for patched in (models.base, module):
+            patched.DataLoader = schedule.loader
+        data_manager = same_batches(run, banks, schedule)
+        adapted = official._network.backbone  # PILOT's adapter ViT: APER's second branch once it has trained
+        no_adapter_dropout(official, run)
+        copy_adapters(official, run, "")
+        initial_adapters = [p.detach().clone() for _, p, _ in adapter_pairs(official, run)]
+        drawn, ours = {}, run.learner
+        update_fc, init_train = official._network.update_fc, official._init_train
+        begin_task, end_task = ours.begin_task, ours.end_task
+
+        def recording_update_fc(total):
+            update_fc(total)
+            drawn.setdefault("head", official._network.fc.weight.detach().clone())
+
+        def recording_init_train(*loaders):  # the trained task-1 head, before prototypes or branches replace it
+            init_train(*loaders)
+            drawn.update(trained_head=official._network.fc.weight.detach().clone(),
+                         sigma=official._network.fc.sigma.detach().clone())
+
+        def begin_then_copy(task):
+            begin_task(task)
+            if task.index == 0:
+                with torch.no_grad():
+                    ours.net["head"].weight.copy_(drawn["head"])
+
+        def end_after_recording(task):
+            if ours.adapting:
+                drawn.update(our_trained_head=ours.net["head"].weight.detach().clone(),
+                             our_sigma=ours.net["head"].sigma.detach().clone())
+            end_task(task)
+
+        official._network.update_fc, official._init_train = recording_update_fc, recording_init_train
+        ours.begin_task, ours.end_task = begin_then_copy, end_after_recording
+        if broken == "covariance_ridge":
+            patches.enter_context(mock.patch.object(gaussians, "PILOT_FECAM_RIDGE", 10.0))
+        if broken == "pretrained_branch":
+            ours.combined_features = lambda split: torch.cat([ours.adapted_features(split)] * 2, dim=1)
+        # what the profile json as it is gives: pilot's default statistics on the same features
+        reports = []
+        for task in run.stream.tasks:
+            schedule.task = task.index
+            torch.manual_seed(10 + task.index)
+            official.incremental_train(data_manager)
+            run.ctx.open_fit(task)
+            ours.fit(task)
+            seen = run.stream.tasks[: task.index + 1]
+            run.ctx.open_evaluation(seen)
+            test_labels = np.concatenate([t.test.labels for t in seen])
+            images = banks["test"][torch.from_numpy(np.concatenate([t.test.indices for t in seen]))]
+            our_logits = torch.cat([ours.predict(t.test) for t in seen])
+            network = official._network.eval()
+            their_rows = network.fc.weight[: task.num_seen]
+            with torch.no_grad():
+                if learner == "fecam":  # its _eval_cnn ranks by distance: minus PILOT's own distances
+                    their_logits = -torch.from_numpy(official._maha_dist(network.backbone(images).numpy(),
+                                                                         network.fc.weight.data, official.cov_mats)).T
+                else:
+                    their_logits = network(images)["logits"][:, : task.num_seen]
+            adapters = adapter_pairs(official, run, adapted)
+            head = [("task-1 head.weight", drawn["our_trained_head"], drawn["trained_head"]),
+                    ("task-1 head.sigma", drawn["our_sigma"], drawn["sigma"])]
+            if learner == "fecam":
+                classifier = [("class means", ours.classifier.means, their_rows),
+                              ("precisions", ours.classifier.precisions, their_fecam_precisions(official))]
+            else:
+                classifier = [("prototypes", ours.classifier.prototypes, their_rows)]
+            moved = largest([(n, mine, start) for (n, mine, _), start in zip(adapters, initial_adapters)])[1]
+            extra = {"adapters_moved_by": moved, "adapters_relative": largest(adapters)[2],
+                     "task1_head_relative": largest(head)[2], "classifier_relative": largest(classifier)[2]}
+            reports.append(profile_report(task, classifier + adapters + head, their_logits, our_logits, test_labels,
+                                          extra))
+            official.after_task()
+        run.ctx.access.open()
+    return {"learner": learner, "tasks": reports, "agree": all(t["agree"] for t in reports)}
+
+
+# --- LAE under the PILOT profile (issue 21) ----------------------------------------------------------------------------
+
+
+def lae_vit(run: Run) -> torch.nn.Module:
+    """PILOT's ``backbone/vit_lae.py`` VisionTransformer at the tiny ViT's size (what ``vit_tiny_patch16_224_lae``
+    builds at ViT-Tiny's), loaded with the tiny ViT's weights through its own ``checkpoint_filter_fn``, as
+    ``build_model_with_cfg`` loads a pre-trained file."""
+    import timm.layers.helpers
+    sys.modules.setdefault("timm.models.layers.helpers", timm.layers.helpers)  # timm 1.x moved it (vit_lae imports it)
+    from backbone import vit_lae
+    timm_vit = run.ctx.backbone.model
+    model = vit_lae.VisionTransformer(img_size=TINY_VIT["img_size"], patch_size=TINY_VIT["patch_size"],
+                                      embed_dim=timm_vit.embed_dim, depth=len(timm_vit.blocks),
+                                      num_heads=timm_vit.blocks[0].attn.num_heads)
+    loaded = model.load_state_dict(vit_lae.checkpoint_filter_fn(timm_vit.state_dict(), model), strict=False)
+    assert not loaded.missing_keys and not loaded.unexpected_keys, loaded  # every ViT weight, nothing else
+    return model
+
+
+def lae_pairs(ours, network, seen: int) -> list:
+    """(name, pilot's, PILOT's in pilot's layout): the online and offline PETs ([blocks, key/value, length, D]
+    tokens and [blocks, key/value, 1, 1] scales; PILOT a Prefix per block of two Prompts), then (once PILOT has a
+    head, ``seen`` > 0) the seen head rows."""
+    pairs = []
+    for name, pets in (("online", network.pets), ("offline", network.pets_emas)):
+        tokens = torch.stack([torch.stack([pet.key.tokens, pet.val.tokens]) for pet in pets])
+        scales = torch.stack([torch.stack([pet.key.scaler.scale, pet.val.scaler.scale]) for pet in pets])
+        pairs += [(f"{name}.prompts", ours.net[name].tokens.prompts, tokens),
+                  (f"{name}.scales", ours.net[name].scales, scales.reshape(-1, 2, 1, 1))]
+    return pairs + ([("head.weight", ours.net["head"].weight[:seen], network.fc.weight),
+                     ("head.bias", ours.net["head"].bias[:seen], network.fc.bias)] if seen else [])
+
+
+def their_lae_probabilities(official, images: torch.Tensor, seen: int) -> torch.Tensor:
+    """What PILOT's ``_eval_cnn`` ranks (``models/lae.py`` lines 180-198): per class the larger of the online and
+    the offline PET's softmax over the seen classes."""
+    network = official._network.eval()
+    with torch.no_grad():
+        online = network(images)["logits"][:, :seen].softmax(dim=1)
+        network.attach_pets_vit(network.pets_emas)
+        offline = network(images)["logits"][:, :seen].softmax(dim=1)
+        network.attach_pets_vit(network.pets)
+    return torch.stack([online, offline], dim=-1).max(dim=-1)[0]
+
+
+def check_lae_learner(learner: str, broken: str = "", tasks: int = TASKS) -> dict:
+    """LAE under pilot's PILOT profile beside PILOT's ``models/lae.py`` (PILOT with its own exps/lae.json): PILOT's
+    drawn PET (online = offline at the start) and each task's drawn head rows copied into pilot's, the same
+    batches; after every task both PETs, the head and the ensemble's probabilities are compared."""
+    import models.base
+    import utils.inc_net as inc_net
+    from pilot.config import load_raw
+    module = __import__(f"models.{learner}", fromlist=["Learner"])
+    with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as patches:
+        torch.manual_seed(0)
+        run = profile_run(learner, Path(folder), tasks)
+        banks = image_banks(run)
+        schedule = Schedule()
+        source = Path(models.base.__file__).resolve().parents[1]
+        args = {**load_raw(source / "exps" / f"{learner}.json"), **PROFILE_SETTINGS[learner], "device": ["cpu"],
+                "nb_classes": sum(len(t.classes) for t in run.stream.tasks), "init_cls": 2, "increment": 2}
+        patches.enter_context(mock.patch.object(inc_net, "get_backbone", lambda *_, **__: lae_vit(run)))
+        torch.manual_seed(1)
+        official = module.Learner(args)
+        network = official._network
+        network.backbone.out_dim = run.ctx.backbone.feature_dim  # utils/inc_net.py LAE.__init__ sets 768 (ViT-B)
+        for patched in (models.base, module):
+            patched.DataLoader = schedule.loader
+        data_manager = same_batches(run, banks, schedule)
+        ours, drawn = run.learner, {}
+        with torch.no_grad():  # PILOT's drawn PETs into pilot's
+            for _, mine, theirs in lae_pairs(ours, network, 0):
+                mine.copy_(theirs)
+        update_fc = network.update_fc
+
+        def recording_update_fc(total):
+            update_fc(total)
+            drawn.update(weight=network.fc.weight.detach().clone(), bias=network.fc.bias.detach().clone())
+
+        network.update_fc = recording_update_fc
+        if broken == "lae_offline_start":
+            ours.config.offline_from_start = False
+        if broken == "lae_first_freeze":
+            ours.config.freeze_first_task = False
+        initial = [p.detach().clone() for _, p, _ in lae_pairs(ours, network, 0)]
+        reports = []
+        for task in run.stream.tasks:
+            schedule.task = task.index
+            torch.manual_seed(10 + task.index)
+            official.incremental_train(data_manager)
+            with torch.no_grad():  # this task's drawn head rows into pilot's
+                ours.net["head"].weight[task.num_old: task.num_seen] = drawn["weight"][task.num_old:]
+                ours.net["head"].bias[task.num_old: task.num_seen] = drawn["bias"][task.num_old:]
+            run.ctx.open_fit(task)
+            ours.fit(task)
+            seen = run.stream.tasks[: task.index + 1]
+            run.ctx.open_evaluation(seen)
+            test_labels = np.concatenate([t.test.labels for t in seen])
+            test_ids = np.concatenate([t.test.indices for t in seen])
+            our_probabilities = torch.cat([ours.predict(t.test) for t in seen]).exp()  # pilot: log-probabilities
+            their_probabilities = their_lae_probabilities(official, banks["test"][torch.from_numpy(test_ids)],
+                                                          task.num_seen)
+            official.topk = 1  # its _eval_cnn's top-5 needs 5 classes seen
+            their_predictions, _ = official._eval_cnn(Batches(test_ids, test_labels, banks["test"],
+                                                              args["batch_size"], task.index, False))
+            parameters = lae_pairs(ours, network, task.num_seen)
+            online, offline = ([(n, mine, start) for (n, mine, _), start in zip(parameters[i: i + 2], initial[i: i + 2])]
+                               for i in (0, 2))
+            extra = {"online_pet_moved_by": largest(online)[1], "offline_pet_moved_by": largest(offline)[1],
+                     "online_pet_relative": largest(parameters[:2])[2],
+                     "offline_pet_relative": largest(parameters[2:4])[2], "head_relative": largest(parameters[4:])[2],
+                     "eval_cnn_predictions_identical":  # PILOT's own _eval_cnn against pilot's
+                         their_predictions[:, 0].tolist() == our_probabilities.argmax(1).tolist()}
+            report = profile_report(task, parameters, their_probabilities, our_probabilities, test_labels, extra,
+                                    ADAM_TOLERANCE)
+            reports.append({**report, "agree": report["agree"] and extra["eval_cnn_predictions_identical"]})
+            official.after_task()
+        run.ctx.access.open()
+    return {"learner": learner, "tasks": reports, "agree": all(t["agree"] for t in reports)}
+
+
 CHECKS = {"icarl": check_exemplar_learner, "der": check_exemplar_learner, "simplecil": check_profile_learner,
-          "ranpac": check_profile_learner, "l2p": check_prompt_learner, "dualprompt": check_prompt_learner}
+          "ranpac": check_profile_learner, "l2p": check_prompt_learner, "dualprompt": check_prompt_learner,
+          "fecam": check_adapted_learner, "aper_adapter": check_adapted_learner, "lae": check_lae_learner}
 
 
 def check(learner: str, broken: str = "", tasks: int = TASKS, official_fix: str = "") -> dict:
@@ -813,6 +1139,11 @@ def main() -> int:
                              "(EPrompt.forward) before comparing; with it the check must agree")
     parser.add_argument("--tasks", type=int, default=TASKS, choices=range(1, TASKS + 1),
                         help="how many of the tasks to run (default %(default)s)")
+    parser.add_argument("--protocol", choices=["tiny", "p1"], default="tiny",
+                        help="tiny: a tiny random ViT and synthetic images (seconds); p1: protocol P1 itself, icarl and der "
+                             "only (DeiT-Tiny, CIFAR-100's subset, PILOT's transforms and augmentation; 32-38 minutes a learner "
+                             "on one CPU thread; --assets or PILOT_DATA_DIR and PILOT_WEIGHTS_DIR)")
+    parser.add_argument("--assets", type=Path, help="the folder holding the DeiT-Tiny weights and CIFAR-100 (--protocol p1)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch's CPU threads (default 1: both codes run in this process alike, and one thread is "
                              "fastest on a busy CPU)")
@@ -823,12 +1154,19 @@ def main() -> int:
               f"mirror and pass --pilot-repo <path> (or set LAMDA_PILOT_MIRROR).", file=sys.stderr)
         return 2
     learners = list(CHECKS) if args.learner == "all" else [args.learner]
+    if args.protocol == "p1":
+        learners = P1_LEARNERS if args.learner == "all" else learners
+        if not set(learners) <= set(P1_LEARNERS) or args.official_fix or args.broken:
+            parser.error(f"--protocol p1 runs {' and '.join(P1_LEARNERS)} as they are (no --break, no --official-fix)")
+        for variable in ("PILOT_DATA_DIR", "PILOT_WEIGHTS_DIR"):
+            os.environ[variable] = str(args.assets or os.environ.get(variable, ""))
     if args.official_fix and learners != ["dualprompt"]:
         parser.error("--official-fix prefix_layout needs --learner dualprompt")
     with tempfile.TemporaryDirectory() as folder:
         importable(args.pilot_repo, Path(folder))
         with contextlib.redirect_stdout(sys.stderr):  # PILOT prints as it goes
-            reports = [check(learner, args.broken, args.tasks, args.official_fix) for learner in learners]
+            reports = [check_exemplar_learner(learner, protocol="p1") if args.protocol == "p1"
+                       else check(learner, args.broken, args.tasks, args.official_fix) for learner in learners]
     report = {"pilot_commit": COMMIT, "tolerance": {"parameters_relative": PARAMETER_TOLERANCE,
                                                       "memory_and_predictions": "identical"},
               "break": args.broken or None, "patches": PATCHES, "learners": reports,

@@ -31,8 +31,8 @@ from pilot.config import load_raw  # noqa: E402
 from pilot.configure import build_config  # noqa: E402
 from pilot.engine import run_experiment  # noqa: E402
 
-LEARNERS = ["simplecil", "l2p", "dualprompt", "coda_prompt", "ranpac", "aper_adapter", "slca", "cofima", "lae",
-            "fecam", "ease", "mos"]
+LEARNERS = ["simplecil", "l2p", "dualprompt", "coda_prompt", "ranpac", "aper_adapter", "aper_ssf", "aper_vpt_deep",
+            "aper_vpt_shallow", "aper_finetune", "slca", "cofima", "lae", "fecam", "ease", "mos", "finetune"]
 PROFILES = ["default", "pilot", "official"]
 PROTOCOL_KEYS = {"prefix", "dataset", "shuffle", "init_cls", "increment", "device", "seed", "backbone_type",
                  "model_name", "tuned_epoch", "epochs", "train_per_class", "test_per_class", "max_tasks",
