@@ -5,6 +5,7 @@ is absent (it is fetched on development machines only).
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import sys
@@ -44,6 +45,43 @@ def test_edits_apply_once_each_to_the_pinned_export(tmp_path):
             if key in p1:
                 assert config[key] == p1[key], (learner, key)
         assert "768" not in config["backbone_type"]
+        assert config["model_name"] == json.loads((src / "exps" / f"{lamda_pilot.PILOT_EXPS.get(learner, learner)}.json")
+                                                  .read_text())["model_name"], learner  # PILOT's factory knows it
+    for file in {edit.file for edit in lamda_pilot.EDITS}:  # still valid Python
+        compile((src / file).read_text(), file, "exec")
+    # What the learners build from ViT-B/16 code is ViT-Ti/16 throughout: no ViT-B width is left in the
+    # builders and networks they use (the in21k variants, which no learner here uses, keep theirs).
+    for file, names in {"backbone/vit_adapter.py": ["vit_base_patch16_224_adapter"],
+                        "backbone/vit_ease.py": ["vit_base_patch16_224_ease"],
+                        "backbone/vit_mos.py": ["vit_base_patch16_224_mos"],
+                        "backbone/vpt.py": ["build_promptmodel"],
+                        "backbone/vit_coda_promtpt.py": ["checkpoint_filter_fn"],
+                        "utils/inc_net.py": ["CodaPromptVitNet", "MOSNet", "LAE"],
+                        "backbone/linears.py": ["EaseCosineLinear"]}.items():
+        text = (src / file).read_text()
+        found = {node.name: ast.get_source_segment(text, node) for node in ast.walk(ast.parse(text))
+                 if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in names}
+        assert sorted(found) == sorted(names), file
+        for name, code in found.items():
+            assert "768" not in code, (file, name)
+    backbone = (src / "utils/inc_net.py").read_text().split("def get_backbone", 1)[1].split("\nclass ", 1)[0]
+    for branch in ('"vit_tiny_patch16_224",pretrained=True', '"vit_tiny_patch16_224_ssf"',
+                   'basicmodelname = "vit_tiny_patch16_224"', "ffn_num=ffn_num,\n                d_model=192"):
+        assert branch in backbone, branch
+    assert backbone.count("d_model=192") == 3 and backbone.count("d_model=768") == 0  # adapter, EASE, MOS
+    assert "embed_dim=192, num_heads=3" in (src / "backbone/vpt.py").read_text()  # VPT_ViT's defaults are ViT-B's
+    coda = (src / "backbone/vit_coda_promtpt.py").read_text()
+    assert "prompt_loss += " not in coda and "k.startswith('head.')" in coda
+
+
+def test_vit_ti_loader_edit_keeps_the_code_and_changes_the_layout():
+    edit = lamda_pilot.vit_ti_loader("x", "f.py", "vit_base_patch16_224_x",
+                                     'checkpoint_model=timm.create_model("vit_base_patch16_224", pretrained=True)')
+    assert "768" not in edit.new and "embed_dim=192, depth=12, num_heads=3" in edit.new
+    assert 'timm.create_model("vit_tiny_patch16_224", pretrained=True)' in edit.new
+    assert "qkv_weight[:192]" in edit.new and "qkv_weight[192:192*2]" in edit.new and "qkv_bias[192*2:]" in edit.new
+    # line for line the same code apart from the widths, the heads, the weights' name and one comment
+    assert len(edit.old.splitlines()) == len(edit.new.splitlines())
 
 
 def test_parser_reads_pilots_curve_lines():

@@ -3,8 +3,9 @@
 The script exports LAMDA-PILOT at a pinned commit into a work folder outside this repository and
 applies the few named edits it needs to run here (``EDITS``): the local CIFAR-100 pickles and P1's
 per-class subset, the first ``max_tasks`` tasks, DeiT-Tiny from a local file instead of ViT-B/16
-(and 192 for the ViT-B widths written as 768, where a learner needs it). The CPU needs no edit:
-PILOT's ``device: [-1]`` is its CPU. It then writes each learner's P1 config from PILOT's own
+(and 192 for the ViT-B widths written as 768, where a learner needs it). PILOT's ``device: [-1]`` is
+its CPU; one edit is for the CPU alone (CODA-Prompt sums its prompt loss in place into a tensor that is
+a leaf only there). It then writes each learner's P1 config from PILOT's own
 ``exps/<learner>.json`` with the keys of this repo's ``exps/<learner>_p1.json`` laid over it, runs
 PILOT's ``main.py`` under ``/usr/bin/time -v`` and records its accuracy curve (PILOT's "CNN top1
 curve", its reported accuracy for these learners; for the memory learners iCaRL and DER also its
@@ -42,9 +43,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "264745534fc2233f5a50b020e50a3472c47eb756"
 MIRROR = Path("/work/.mirror/sun-hailong+LAMDA-PILOT/repo")
-# EASE and MOS are not here yet: their backbones (backbone/vit_ease.py, vit_mos.py) keep ViT-B widths.
 LEARNERS = ["simplecil", "l2p", "dualprompt", "ranpac", "lae", "coda_prompt", "slca", "cofima", "aper_adapter",
-            "fecam", "icarl", "der"]
+            "fecam", "icarl", "der", "ease", "mos", "aper_ssf", "aper_vpt_deep", "aper_vpt_shallow", "aper_finetune",
+            "finetune"]
 PILOT_EXPS = {"aper_adapter": "aper_aperpter"}  # PILOT's file names where they differ from the learner's
 # PILOT's backbone_type for DeiT-Tiny: where PILOT registers a ViT-Ti variant of the learner's model
 # (L2P, DualPrompt, CODA-Prompt, LAE) its name, else PILOT's own name (the edits below build ViT-Ti).
@@ -60,6 +61,40 @@ class Edit:
     old: str
     new: str
     why: str
+
+
+def vit_ti_loader(name: str, file: str, function: str, checkpoint_line: str) -> Edit:
+    """The edit that turns one of PILOT's ViT-B/16 builders (a VisionTransformer of its own with separate
+    q/k/v projections, filled from timm's ViT-B/16) into ViT-Ti/16 filled from timm's ViT-Ti/16, that is
+    the DeiT-Tiny file: the adapter, EASE and MOS backbones share this code, each in its own file."""
+    old = (f"def {function}(pretrained=False, **kwargs):\n    \n"
+           "    model = VisionTransformer(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, "
+           "qkv_bias=True,\n        norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)\n\n"
+           "    # checkpoint_model = torch.load('./pretrained_models/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0"
+           f"-sd_0.0.npz')\n    {checkpoint_line}\n"
+           "    state_dict = checkpoint_model.state_dict()\n")
+    old += """    # modify the checkpoint state dict to match the model
+    # first, split qkv weight into q, k, v
+    for key in list(state_dict.keys()):
+        if 'qkv.weight' in key:
+            qkv_weight = state_dict.pop(key)
+            q_weight = qkv_weight[:768]
+            k_weight = qkv_weight[768:768*2]
+            v_weight = qkv_weight[768*2:]
+            state_dict[key.replace('qkv.weight', 'q_proj.weight')] = q_weight
+            state_dict[key.replace('qkv.weight', 'k_proj.weight')] = k_weight
+            state_dict[key.replace('qkv.weight', 'v_proj.weight')] = v_weight
+        elif 'qkv.bias' in key:
+            qkv_bias = state_dict.pop(key)
+            q_bias = qkv_bias[:768]
+            k_bias = qkv_bias[768:768*2]
+            v_bias = qkv_bias[768*2:]
+"""
+    new = (old.replace("768", "192").replace("num_heads=12", "num_heads=3")
+           .replace('"vit_base_patch16_224"', '"vit_tiny_patch16_224"')
+           .replace("    \n", "    # lamda_pilot.py: ViT-Ti/16 (width 192, 3 heads) with the DeiT-Tiny weights\n", 1))
+    return Edit(name, file, old, new,
+                why="DeiT-Tiny instead of ViT-B/16: width, heads, the weights' source and the q/k/v split")
 
 
 EDITS = [
@@ -143,58 +178,9 @@ EDITS = [
                 model.out_dim=192  # lamda_pilot.py: ViT-Ti
 ''',
          why="feature width of ViT-Ti"),
-    Edit("adapter backbone (APER, RanPAC, FeCAM): ViT-Ti and its weights", "backbone/vit_adapter.py",
-         old='''def vit_base_patch16_224_adapter(pretrained=False, **kwargs):
-    
-    model = VisionTransformer(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
-
-    # checkpoint_model = torch.load('./pretrained_models/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz')
-    checkpoint_model=timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=0)
-    state_dict = checkpoint_model.state_dict()
-    # modify the checkpoint state dict to match the model
-    # first, split qkv weight into q, k, v
-    for key in list(state_dict.keys()):
-        if 'qkv.weight' in key:
-            qkv_weight = state_dict.pop(key)
-            q_weight = qkv_weight[:768]
-            k_weight = qkv_weight[768:768*2]
-            v_weight = qkv_weight[768*2:]
-            state_dict[key.replace('qkv.weight', 'q_proj.weight')] = q_weight
-            state_dict[key.replace('qkv.weight', 'k_proj.weight')] = k_weight
-            state_dict[key.replace('qkv.weight', 'v_proj.weight')] = v_weight
-        elif 'qkv.bias' in key:
-            qkv_bias = state_dict.pop(key)
-            q_bias = qkv_bias[:768]
-            k_bias = qkv_bias[768:768*2]
-            v_bias = qkv_bias[768*2:]
-''',
-         new='''def vit_base_patch16_224_adapter(pretrained=False, **kwargs):
-    # lamda_pilot.py: ViT-Ti/16 (width 192, 3 heads) with the DeiT-Tiny weights
-    model = VisionTransformer(patch_size=16, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4, qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
-
-    # checkpoint_model = torch.load('./pretrained_models/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz')
-    checkpoint_model=timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0)
-    state_dict = checkpoint_model.state_dict()
-    # modify the checkpoint state dict to match the model
-    # first, split qkv weight into q, k, v
-    for key in list(state_dict.keys()):
-        if 'qkv.weight' in key:
-            qkv_weight = state_dict.pop(key)
-            q_weight = qkv_weight[:192]
-            k_weight = qkv_weight[192:192*2]
-            v_weight = qkv_weight[192*2:]
-            state_dict[key.replace('qkv.weight', 'q_proj.weight')] = q_weight
-            state_dict[key.replace('qkv.weight', 'k_proj.weight')] = k_weight
-            state_dict[key.replace('qkv.weight', 'v_proj.weight')] = v_weight
-        elif 'qkv.bias' in key:
-            qkv_bias = state_dict.pop(key)
-            q_bias = qkv_bias[:192]
-            k_bias = qkv_bias[192:192*2]
-            v_bias = qkv_bias[192*2:]
-''',
-         why="DeiT-Tiny instead of ViT-B/16: width, heads, the weights' source and the q/k/v split"),
+    vit_ti_loader("adapter backbone (APER, RanPAC, FeCAM): ViT-Ti and its weights", "backbone/vit_adapter.py",
+                  "vit_base_patch16_224_adapter", 'checkpoint_model=timm.create_model("vit_base_patch16_224", '
+                  'pretrained=True, num_classes=0)'),
     Edit("LAE: feature width", "utils/inc_net.py",
          old='''        self.backbone = get_backbone(args, pretrained=pretrained)
         self.backbone.out_dim = 768
@@ -211,6 +197,90 @@ EDITS = [
         self.prompt = CodaPrompt(192, args["nb_tasks"], args["prompt_param"], key_dim=192)
 ''',
          why="CODA-Prompt's head, prompts and keys (key_dim defaults to 768) at ViT-Ti's width"),
+    Edit("CODA-Prompt: no head in the DeiT-Tiny file's load", "backbone/vit_coda_promtpt.py",
+         old="        elif 'pre_logits' in k:\n",
+         new="        elif 'pre_logits' in k or k.startswith('head.'):  # lamda_pilot.py: this ViT has no head\n",
+         why="CODA's ViT has no head module; PILOT's ViT-B .npz goes through timm's custom loader, which reads the "
+             "backbone's weights only, while the local .pth goes through load_state_dict(strict=True), which refuses "
+             "the file's ImageNet head.weight/head.bias (the backbone's weights still load strictly)"),
+    Edit("CODA-Prompt: prompt loss summed out of place", "backbone/vit_coda_promtpt.py",
+         old="                    prompt_loss += loss\n",
+         new="                    prompt_loss = prompt_loss + loss  # lamda_pilot.py: a leaf on the CPU\n",
+         why="prompt_loss = torch.zeros((1,), requires_grad=True).to(x.device) is a copy (not a leaf) on a GPU but the "
+             "same leaf on the CPU, where `+=` raises 'a leaf Variable that requires grad is being used in an in-place "
+             "operation'; the sum and its gradient are the same"),
+    Edit("EASE: adapter width", "utils/inc_net.py",
+         old='''                d_model=768,
+                # VPT related
+                vpt_on=False,
+                vpt_num=0,
+                _device = args["device"][0]
+''',
+         new='''                d_model=192,  # lamda_pilot.py: ViT-Ti
+                # VPT related
+                vpt_on=False,
+                vpt_num=0,
+                _device = args["device"][0]
+''',
+         why="EASE's adapters' width is the ViT's"),
+    Edit("EASE: out_dim", "utils/inc_net.py",
+         old='''                model = vit_ease.vit_base_patch16_224_ease(num_classes=0,
+                    global_pool=False, drop_path_rate=0.0, tuning_config=tuning_config)
+                model.out_dim=768
+''',
+         new='''                model = vit_ease.vit_base_patch16_224_ease(num_classes=0,
+                    global_pool=False, drop_path_rate=0.0, tuning_config=tuning_config)
+                model.out_dim=192  # lamda_pilot.py: ViT-Ti
+''',
+         why="EaseNet sizes its prototype heads and each task's feature slice by out_dim"),
+    vit_ti_loader("EASE backbone: ViT-Ti and its weights", "backbone/vit_ease.py", "vit_base_patch16_224_ease",
+                  'checkpoint_model=timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=0)'),
+    Edit("EASE: reweighted logits' block width", "backbone/linears.py",
+         old="inc=10, out_dim=768, use_init_ptm=False):\n",
+         new="inc=10, out_dim=192, use_init_ptm=False):  # lamda_pilot.py: ViT-Ti\n",
+         why="EASE's test logits (use_reweight) cut the concatenated features into out_dim-wide blocks, one per "
+             "adapter; EaseNet leaves out_dim at this default, ViT-B's width"),
+    Edit("MOS: adapter width", "utils/inc_net.py",
+         old='''                d_model=768,
+                _device = args["device"][0],
+''',
+         new='''                d_model=192,  # lamda_pilot.py: ViT-Ti
+                _device = args["device"][0],
+''',
+         why="MOS's adapters' width is the ViT's"),
+    Edit("MOS: out_dim", "utils/inc_net.py",
+         old="        self.backbone = get_backbone(args, pretrained)\n        self.backbone.out_dim = 768\n",
+         new="        self.backbone = get_backbone(args, pretrained)\n"
+             "        self.backbone.out_dim = 192  # lamda_pilot.py: ViT-Ti\n",
+         why="MOSNet's cosine head and its classifier alignment's feature statistics are out_dim wide"),
+    vit_ti_loader("MOS backbone: ViT-Ti and its weights", "backbone/vit_mos.py", "vit_base_patch16_224_mos",
+                  'checkpoint_model = timm.create_model("vit_base_patch16_224", pretrained=True, '
+                  "num_classes=kwargs['num_classes'])"),
+    Edit("APER-SSF backbone: ViT-Ti", "utils/inc_net.py",
+         old='''                model = timm.create_model("vit_base_patch16_224_ssf", pretrained=True, num_classes=0)
+                model.out_dim = 768
+''',
+         new='''                model = timm.create_model("vit_tiny_patch16_224_ssf", pretrained=True, num_classes=0,
+                                          pretrained_strict=False)  # lamda_pilot.py: ViT-Ti; SSF's own are new
+                model.out_dim = 192
+''',
+         why="PILOT's ViT-Ti variant of its SSF ViT; PILOT's ViT-B .npz goes through timm's custom loader, which fills "
+             "the backbone and leaves SSF's scales and shifts at their init, while the local .pth goes through "
+             "load_state_dict, strict by default, which refuses a checkpoint without them (the file's keys are the "
+             "backbone's, all loaded)"),
+    Edit("APER-VPT backbone: ViT-Ti weights", "utils/inc_net.py",
+         old='''                basicmodelname = "vit_base_patch16_224" \n''',
+         new='''                basicmodelname = "vit_tiny_patch16_224"  # lamda_pilot.py: ViT-Ti\n''',
+         why="VPT's ViT is filled from this timm model's weights: the DeiT-Tiny file"),
+    Edit("APER-VPT backbone: out_dim", "utils/inc_net.py",
+         old="            model.load_prompt(prompt_state_dict)\n            model.out_dim = 768\n",
+         new="            model.load_prompt(prompt_state_dict)\n            model.out_dim = 192  # lamda_pilot.py: ViT-Ti\n",
+         why="feature width of ViT-Ti"),
+    Edit("APER-VPT backbone: ViT-Ti layout", "backbone/vpt.py",
+         old="    model = VPT_ViT(Prompt_Token_num=Prompt_Token_num,VPT_type=VPT_type)\n",
+         new="    model = VPT_ViT(Prompt_Token_num=Prompt_Token_num,VPT_type=VPT_type,\n"
+             "                    embed_dim=192, num_heads=3)  # lamda_pilot.py: ViT-Ti/16\n",
+         why="VPT_ViT's defaults are ViT-B/16's (width 768, 12 heads); its prompt tokens take the width too"),
 ]
 
 
