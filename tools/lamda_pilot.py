@@ -97,6 +97,13 @@ def vit_ti_loader(name: str, file: str, function: str, checkpoint_line: str) -> 
                 why="DeiT-Tiny instead of ViT-B/16: width, heads, the weights' source and the q/k/v split")
 
 
+def vit_ti_width(name: str, file: str, old: str, why: str) -> Edit:
+    """The edit that sets ViT-B/16's width, 768 in each line of ``old`` that has it, to ViT-Ti/16's 192."""
+    new = "".join(line.replace("768", "192") + ("  # lamda_pilot.py: ViT-Ti" if "768" in line else "") + "\n"
+                  for line in old.splitlines())
+    return Edit(name, file, old, new, why)
+
+
 EDITS = [
     Edit("local CIFAR-100 and the P1 subset", "utils/data.py",
          old='''        self.class_order = np.arange(100).tolist()
@@ -154,41 +161,28 @@ EDITS = [
 ''',
          why="DeiT-Tiny (ViT-Ti/16, width 192) instead of ViT-B/16 (iCaRL's IncrementalNet and each of DER's "
              "backbones are built here too; DERNet reads its widths from out_dim)"),
-    Edit("adapter backbone (APER, RanPAC, FeCAM): d_model", "utils/inc_net.py",
-         old='''                d_model=768,
+    vit_ti_width("adapter backbone (APER, RanPAC, FeCAM): d_model", "utils/inc_net.py",
+                 old='''                d_model=768,
                 # VPT related
                 vpt_on=False,
                 vpt_num=0,
             )
 ''',
-         new='''                d_model=192,  # lamda_pilot.py: ViT-Ti
-                # VPT related
-                vpt_on=False,
-                vpt_num=0,
-            )
-''',
-         why="the adapters' width is the ViT's"),
-    Edit("adapter backbone (APER, RanPAC, FeCAM): out_dim", "utils/inc_net.py",
-         old='''                model = vit_adapter.vit_base_patch16_224_adapter(num_classes=0,
+                 why="the adapters' width is the ViT's"),
+    vit_ti_width("adapter backbone (APER, RanPAC, FeCAM): out_dim", "utils/inc_net.py",
+                 old='''                model = vit_adapter.vit_base_patch16_224_adapter(num_classes=0,
                     global_pool=False, drop_path_rate=0.0, tuning_config=tuning_config)
                 model.out_dim=768
 ''',
-         new='''                model = vit_adapter.vit_base_patch16_224_adapter(num_classes=0,
-                    global_pool=False, drop_path_rate=0.0, tuning_config=tuning_config)
-                model.out_dim=192  # lamda_pilot.py: ViT-Ti
-''',
-         why="feature width of ViT-Ti"),
+                 why="feature width of ViT-Ti"),
     vit_ti_loader("adapter backbone (APER, RanPAC, FeCAM): ViT-Ti and its weights", "backbone/vit_adapter.py",
                   "vit_base_patch16_224_adapter", 'checkpoint_model=timm.create_model("vit_base_patch16_224", '
                   'pretrained=True, num_classes=0)'),
-    Edit("LAE: feature width", "utils/inc_net.py",
-         old='''        self.backbone = get_backbone(args, pretrained=pretrained)
+    vit_ti_width("LAE: feature width", "utils/inc_net.py",
+                 old='''        self.backbone = get_backbone(args, pretrained=pretrained)
         self.backbone.out_dim = 768
 ''',
-         new='''        self.backbone = get_backbone(args, pretrained=pretrained)
-        self.backbone.out_dim = 192  # lamda_pilot.py: ViT-Ti
-''',
-         why="LAE's head is built on out_dim"),
+                 why="LAE's head is built on out_dim"),
     Edit("CODA-Prompt: widths", "utils/inc_net.py",
          old='''        self.fc = nn.Linear(768, args["nb_classes"])
         self.prompt = CodaPrompt(768, args["nb_tasks"], args["prompt_param"])
@@ -209,50 +203,34 @@ EDITS = [
          why="prompt_loss = torch.zeros((1,), requires_grad=True).to(x.device) is a copy (not a leaf) on a GPU but the "
              "same leaf on the CPU, where `+=` raises 'a leaf Variable that requires grad is being used in an in-place "
              "operation'; the sum and its gradient are the same"),
-    Edit("EASE: adapter width", "utils/inc_net.py",
-         old='''                d_model=768,
+    vit_ti_width("EASE: adapter width", "utils/inc_net.py",
+                 old='''                d_model=768,
                 # VPT related
                 vpt_on=False,
                 vpt_num=0,
                 _device = args["device"][0]
 ''',
-         new='''                d_model=192,  # lamda_pilot.py: ViT-Ti
-                # VPT related
-                vpt_on=False,
-                vpt_num=0,
-                _device = args["device"][0]
-''',
-         why="EASE's adapters' width is the ViT's"),
-    Edit("EASE: out_dim", "utils/inc_net.py",
-         old='''                model = vit_ease.vit_base_patch16_224_ease(num_classes=0,
+                 why="EASE's adapters' width is the ViT's"),
+    vit_ti_width("EASE: out_dim", "utils/inc_net.py",
+                 old='''                model = vit_ease.vit_base_patch16_224_ease(num_classes=0,
                     global_pool=False, drop_path_rate=0.0, tuning_config=tuning_config)
                 model.out_dim=768
 ''',
-         new='''                model = vit_ease.vit_base_patch16_224_ease(num_classes=0,
-                    global_pool=False, drop_path_rate=0.0, tuning_config=tuning_config)
-                model.out_dim=192  # lamda_pilot.py: ViT-Ti
-''',
-         why="EaseNet sizes its prototype heads and each task's feature slice by out_dim"),
+                 why="EaseNet sizes its prototype heads and each task's feature slice by out_dim"),
     vit_ti_loader("EASE backbone: ViT-Ti and its weights", "backbone/vit_ease.py", "vit_base_patch16_224_ease",
                   'checkpoint_model=timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=0)'),
-    Edit("EASE: reweighted logits' block width", "backbone/linears.py",
-         old="inc=10, out_dim=768, use_init_ptm=False):\n",
-         new="inc=10, out_dim=192, use_init_ptm=False):  # lamda_pilot.py: ViT-Ti\n",
-         why="EASE's test logits (use_reweight) cut the concatenated features into out_dim-wide blocks, one per "
+    vit_ti_width("EASE: reweighted logits' block width", "backbone/linears.py",
+                 old="inc=10, out_dim=768, use_init_ptm=False):\n",
+                 why="EASE's test logits (use_reweight) cut the concatenated features into out_dim-wide blocks, one per "
              "adapter; EaseNet leaves out_dim at this default, ViT-B's width"),
-    Edit("MOS: adapter width", "utils/inc_net.py",
-         old='''                d_model=768,
+    vit_ti_width("MOS: adapter width", "utils/inc_net.py",
+                 old='''                d_model=768,
                 _device = args["device"][0],
 ''',
-         new='''                d_model=192,  # lamda_pilot.py: ViT-Ti
-                _device = args["device"][0],
-''',
-         why="MOS's adapters' width is the ViT's"),
-    Edit("MOS: out_dim", "utils/inc_net.py",
-         old="        self.backbone = get_backbone(args, pretrained)\n        self.backbone.out_dim = 768\n",
-         new="        self.backbone = get_backbone(args, pretrained)\n"
-             "        self.backbone.out_dim = 192  # lamda_pilot.py: ViT-Ti\n",
-         why="MOSNet's cosine head and its classifier alignment's feature statistics are out_dim wide"),
+                 why="MOS's adapters' width is the ViT's"),
+    vit_ti_width("MOS: out_dim", "utils/inc_net.py",
+                 old="        self.backbone = get_backbone(args, pretrained)\n        self.backbone.out_dim = 768\n",
+                 why="MOSNet's cosine head and its classifier alignment's feature statistics are out_dim wide"),
     vit_ti_loader("MOS backbone: ViT-Ti and its weights", "backbone/vit_mos.py", "vit_base_patch16_224_mos",
                   'checkpoint_model = timm.create_model("vit_base_patch16_224", pretrained=True, '
                   "num_classes=kwargs['num_classes'])"),
@@ -272,10 +250,9 @@ EDITS = [
          old='''                basicmodelname = "vit_base_patch16_224" \n''',
          new='''                basicmodelname = "vit_tiny_patch16_224"  # lamda_pilot.py: ViT-Ti\n''',
          why="VPT's ViT is filled from this timm model's weights: the DeiT-Tiny file"),
-    Edit("APER-VPT backbone: out_dim", "utils/inc_net.py",
-         old="            model.load_prompt(prompt_state_dict)\n            model.out_dim = 768\n",
-         new="            model.load_prompt(prompt_state_dict)\n            model.out_dim = 192  # lamda_pilot.py: ViT-Ti\n",
-         why="feature width of ViT-Ti"),
+    vit_ti_width("APER-VPT backbone: out_dim", "utils/inc_net.py",
+                 old="            model.load_prompt(prompt_state_dict)\n            model.out_dim = 768\n",
+                 why="feature width of ViT-Ti"),
     Edit("APER-VPT backbone: ViT-Ti layout", "backbone/vpt.py",
          old="    model = VPT_ViT(Prompt_Token_num=Prompt_Token_num,VPT_type=VPT_type)\n",
          new="    model = VPT_ViT(Prompt_Token_num=Prompt_Token_num,VPT_type=VPT_type,\n"
