@@ -96,7 +96,7 @@ PATCHES = ["timm.models.layers.weight_init -> timm.layers.weight_init (import al
            "loaded as vit_base_patch16_224_adapter loads ViT-B/16 (qkv split into q/k/v, mlp.fc* renamed, all but "
            "the adapters frozen); its tuning_config in a SimpleNamespace (easydict is not installed)",
            "ranpac: the adapters' dropout 0.1 -> 0 on both sides (independent random masks otherwise)",
-           "ranpac: _network.update_fc, setup_RP, optimise_ridge_parameter wrapped to record the drawn cosine head "
+           "ranpac: _network.update_fc, _init_train, optimise_ridge_parameter wrapped to record the drawn cosine head "
            "(copied into pilot's), the trained head and sigma, W_rand (copied into pilot's projection) and lambda "
            "(also its rule re-run on the same features in float64)",
            "ranpac, pilot's side: split_fit_val -> PILOT's split (the first 80% of its shuffled protonet loader's "
@@ -114,10 +114,10 @@ PATCHES = ["timm.models.layers.weight_init -> timm.layers.weight_init (import al
            "fecam: save_checkpoint -> nothing (it writes a .pkl into the working folder after the first task)",
            "lae: timm.models.layers.helpers -> timm.layers.helpers (import alias, as for weight_init); "
            "utils.inc_net.get_backbone -> backbone/vit_lae.py's VisionTransformer at the tiny ViT's size (depth "
-           "5: PILOT's LAE net hard-codes prefixes in blocks 0-4), loaded through its own checkpoint_filter_fn; the LAE "
-           "net's backbone.out_dim 768 (hard-coded) -> the tiny width; update_fc wrapped to record each task's drawn "
-           "head rows; PILOT's drawn PETs and head rows copied into pilot's; args: PILOT's exps/lae.json with "
-           "tuned_epoch 2, num_freeze_epochs 1, init_lr 0.01, batch_size 4, ema_decay 0.5"]
+           "5: PILOT's LAE net hard-codes prefixes in blocks 0-4), loaded through its own checkpoint_filter_fn; the "
+           "LAE net's backbone.out_dim 768 (hard-coded) -> the tiny width; update_fc wrapped to record each task's "
+           "drawn head rows; PILOT's drawn PETs and head rows copied into pilot's; _eval_cnn's topk 5 -> 1; args: "
+           "PILOT's exps/lae.json with tuned_epoch 2, num_freeze_epochs 1, init_lr 1e-4, batch_size 4, ema_decay 0.5"]
 
 
 def pilot_run(learner: str, folder: Path, broken: str, tasks: int) -> Run:
@@ -586,6 +586,40 @@ def adapter_pairs(official, run: Run, adapted: torch.nn.Module | None = None) ->
             for ours, theirs in (("down", "down_proj"), ("up", "up_proj")) for kind in ("weight", "bias")]
 
 
+def share_first_head(official, ours, drawn: dict, before_end=None) -> None:
+    """The adapting learners' task-1 cosine head: PILOT's draw copied into pilot's when the first task begins; both
+    trained heads (and sigmas) recorded in ``drawn`` once trained, before prototypes, branches or a projection
+    replace them; ``before_end`` runs just before pilot's ``end_task``."""
+    update_fc, init_train = official._network.update_fc, official._init_train
+    begin_task, end_task = ours.begin_task, ours.end_task
+
+    def recording_update_fc(total):
+        update_fc(total)
+        drawn.setdefault("head", official._network.fc.weight.detach().clone())
+
+    def recording_init_train(*loaders):
+        init_train(*loaders)
+        drawn.update(trained_head=official._network.fc.weight.detach().clone(),
+                     sigma=official._network.fc.sigma.detach().clone())
+
+    def begin_then_copy(task):
+        begin_task(task)
+        if task.index == 0:
+            with torch.no_grad():
+                ours.net["head"].weight.copy_(drawn["head"])
+
+    def end_after_recording(task):
+        if ours.adapting:
+            drawn.update(our_trained_head=ours.net["head"].weight.detach().clone(),
+                         our_sigma=ours.net["head"].sigma.detach().clone())
+        if before_end:
+            before_end()
+        end_task(task)
+
+    official._network.update_fc, official._init_train = recording_update_fc, recording_init_train
+    ours.begin_task, ours.end_task = begin_then_copy, end_after_recording
+
+
 def aligned_split(run: Run, schedule: Schedule):
     """pilot's ``split_fit_val`` with PILOT's split: PILOT fits the ridge on the first 80% of the features its
     shuffled ``train_loader_for_protonet`` yields (the ``Batches`` order of the task's first epoch), so the same
@@ -651,17 +685,7 @@ def check_profile_learner(learner: str, broken: str = "", tasks: int = TASKS) ->
             no_adapter_dropout(official, run)
             copy_adapters(official, run, broken)
             initial_adapters = [p.detach().clone() for _, p, _ in adapter_pairs(official, run)]
-            update_fc, setup_rp, optimise = (official._network.update_fc, official.setup_RP,
-                                             official.optimise_ridge_parameter)
-
-            def recording_update_fc(total):
-                update_fc(total)
-                drawn.setdefault("head", official._network.fc.weight.detach().clone())
-
-            def recording_setup_rp():  # the adapted task-1 cosine head, before the projection replaces it
-                drawn.update(trained_head=official._network.fc.weight.detach().clone(),
-                             sigma=official._network.fc.sigma.detach().clone())
-                setup_rp()
+            optimise = official.optimise_ridge_parameter
 
             def recording_optimise(features, targets):  # also PILOT's G and Q accumulated in float64
                 features, targets = features.double(), targets.double()
@@ -671,26 +695,14 @@ def check_profile_learner(learner: str, broken: str = "", tasks: int = TASKS) ->
                 exact.setdefault("lambdas", []).append(float(optimise(features, targets)))  # its rule in float64
                 return lambdas[-1]
 
-            official._network.update_fc, official.setup_RP = recording_update_fc, recording_setup_rp
             official.optimise_ridge_parameter = recording_optimise
             ours = run.learner
-            begin_task, end_task = ours.begin_task, ours.end_task
 
-            def begin_then_copy(task):
-                begin_task(task)
-                if task.index == 0:
-                    with torch.no_grad():
-                        ours.net["head"].weight.copy_(drawn["head"])
-
-            def end_after_recording(task):
-                if ours.adapting:
-                    drawn.update(our_trained_head=ours.net["head"].weight.detach().clone(),
-                                 our_sigma=ours.net["head"].sigma.detach().clone())
+            def pilots_projection():  # PILOT's draw (setup_RP, after its training)
                 with torch.no_grad():
-                    ours.projection.weight.copy_(official.W_rand)  # PILOT's draw (setup_RP, after its training)
-                end_task(task)
+                    ours.projection.weight.copy_(official.W_rand)
 
-            ours.begin_task, ours.end_task = begin_then_copy, end_after_recording
+            share_first_head(official, ours, drawn, pilots_projection)
         elif broken == "prototype_images":
             classifier = run.learner.classifier
             add_classes = classifier.add_classes
@@ -922,37 +934,11 @@ def check_adapted_learner(learner: str, broken: str = "", tasks: int = TASKS) ->
         copy_adapters(official, run, "")
         initial_adapters = [p.detach().clone() for _, p, _ in adapter_pairs(official, run)]
         drawn, ours = {}, run.learner
-        update_fc, init_train = official._network.update_fc, official._init_train
-        begin_task, end_task = ours.begin_task, ours.end_task
-
-        def recording_update_fc(total):
-            update_fc(total)
-            drawn.setdefault("head", official._network.fc.weight.detach().clone())
-
-        def recording_init_train(*loaders):  # the trained task-1 head, before prototypes or branches replace it
-            init_train(*loaders)
-            drawn.update(trained_head=official._network.fc.weight.detach().clone(),
-                         sigma=official._network.fc.sigma.detach().clone())
-
-        def begin_then_copy(task):
-            begin_task(task)
-            if task.index == 0:
-                with torch.no_grad():
-                    ours.net["head"].weight.copy_(drawn["head"])
-
-        def end_after_recording(task):
-            if ours.adapting:
-                drawn.update(our_trained_head=ours.net["head"].weight.detach().clone(),
-                             our_sigma=ours.net["head"].sigma.detach().clone())
-            end_task(task)
-
-        official._network.update_fc, official._init_train = recording_update_fc, recording_init_train
-        ours.begin_task, ours.end_task = begin_then_copy, end_after_recording
+        share_first_head(official, ours, drawn)
         if broken == "covariance_ridge":
             patches.enter_context(mock.patch.object(gaussians, "PILOT_FECAM_RIDGE", 10.0))
         if broken == "pretrained_branch":
             ours.combined_features = lambda split: torch.cat([ours.adapted_features(split)] * 2, dim=1)
-        # what the profile json as it is gives: pilot's default statistics on the same features
         reports = []
         for task in run.stream.tasks:
             schedule.task = task.index
@@ -1097,8 +1083,8 @@ def check_lae_learner(learner: str, broken: str = "", tasks: int = TASKS) -> dic
             their_predictions, _ = official._eval_cnn(Batches(test_ids, test_labels, banks["test"],
                                                               args["batch_size"], task.index, False))
             parameters = lae_pairs(ours, network, task.num_seen)
-            online, offline = ([(n, mine, start) for (n, mine, _), start in zip(parameters[i: i + 2], initial[i: i + 2])]
-                               for i in (0, 2))
+            moves = [(n, mine, start) for (n, mine, _), start in zip(parameters, initial)]  # the PETs' four tensors
+            online, offline = moves[:2], moves[2:]
             extra = {"online_pet_moved_by": largest(online)[1], "offline_pet_moved_by": largest(offline)[1],
                      "online_pet_relative": largest(parameters[:2])[2],
                      "offline_pet_relative": largest(parameters[2:4])[2], "head_relative": largest(parameters[4:])[2],
