@@ -586,6 +586,22 @@ def adapter_pairs(official, run: Run, adapted: torch.nn.Module | None = None) ->
             for ours, theirs in (("down", "down_proj"), ("up", "up_proj")) for kind in ("weight", "bias")]
 
 
+def both_trained(run: Run, official, schedule: Schedule, data_manager, between=None):
+    """Each task: PILOT's learner trains on it, then (after ``between(task)``, if given) pilot's; yields the task and
+    the tasks seen so far, pilot's evaluation of them open."""
+    for task in run.stream.tasks:
+        schedule.task = task.index
+        torch.manual_seed(10 + task.index)
+        official.incremental_train(data_manager)
+        if between:
+            between(task)
+        run.ctx.open_fit(task)
+        run.learner.fit(task)
+        seen = run.stream.tasks[: task.index + 1]
+        run.ctx.open_evaluation(seen)
+        yield task, seen
+
+
 def share_first_head(official, ours, drawn: dict, before_end=None) -> None:
     """The adapting learners' task-1 cosine head: PILOT's draw copied into pilot's when the first task begins; both
     trained heads (and sigmas) recorded in ``drawn`` once trained, before prototypes, branches or a projection
@@ -715,14 +731,7 @@ def check_profile_learner(learner: str, broken: str = "", tasks: int = TASKS) ->
 
             classifier.add_classes = without_last_image
         reports = []
-        for task in run.stream.tasks:
-            schedule.task = task.index
-            torch.manual_seed(10 + task.index)
-            official.incremental_train(data_manager)
-            run.ctx.open_fit(task)
-            run.learner.fit(task)
-            seen = run.stream.tasks[: task.index + 1]
-            run.ctx.open_evaluation(seen)
+        for task, seen in both_trained(run, official, schedule, data_manager):
             test_ids = np.concatenate([t.test.indices for t in seen])
             test_labels = np.concatenate([t.test.labels for t in seen])
             ours_logits = torch.cat([run.learner.predict(t.test) for t in seen])
@@ -869,14 +878,7 @@ def check_prompt_learner(learner: str, broken: str = "", tasks: int = TASKS, off
             ours.config.shared_prompt_pool = False
         initial = [p.detach().clone() for _, p, _ in prompt_pairs(learner, ours, theirs)]
         reports = []
-        for task in run.stream.tasks:
-            schedule.task = task.index
-            torch.manual_seed(10 + task.index)
-            official.incremental_train(data_manager)
-            run.ctx.open_fit(task)
-            ours.fit(task)
-            seen = run.stream.tasks[: task.index + 1]
-            run.ctx.open_evaluation(seen)
+        for task, seen in both_trained(run, official, schedule, data_manager):
             our_logits = torch.cat(ours.predict_tasks([t.test for t in seen]))[:, : task.num_seen]
             union, position = class_sorted([t.test for t in seen])  # PILOT's test order: class-sorted
             network = official._network.eval()
@@ -940,14 +942,7 @@ def check_adapted_learner(learner: str, broken: str = "", tasks: int = TASKS) ->
         if broken == "pretrained_branch":
             ours.combined_features = lambda split: torch.cat([ours.adapted_features(split)] * 2, dim=1)
         reports = []
-        for task in run.stream.tasks:
-            schedule.task = task.index
-            torch.manual_seed(10 + task.index)
-            official.incremental_train(data_manager)
-            run.ctx.open_fit(task)
-            ours.fit(task)
-            seen = run.stream.tasks[: task.index + 1]
-            run.ctx.open_evaluation(seen)
+        for task, seen in both_trained(run, official, schedule, data_manager):
             test_labels = np.concatenate([t.test.labels for t in seen])
             images = banks["test"][torch.from_numpy(np.concatenate([t.test.indices for t in seen]))]
             our_logits = torch.cat([ours.predict(t.test) for t in seen])
@@ -1063,17 +1058,13 @@ def check_lae_learner(learner: str, broken: str = "", tasks: int = TASKS) -> dic
             ours.config.freeze_first_task = False
         initial = [p.detach().clone() for _, p, _ in lae_pairs(ours, network, 0)]
         reports = []
-        for task in run.stream.tasks:
-            schedule.task = task.index
-            torch.manual_seed(10 + task.index)
-            official.incremental_train(data_manager)
-            with torch.no_grad():  # this task's drawn head rows into pilot's
+
+        def drawn_rows(task):  # this task's drawn head rows into pilot's
+            with torch.no_grad():
                 ours.net["head"].weight[task.num_old: task.num_seen] = drawn["weight"][task.num_old:]
                 ours.net["head"].bias[task.num_old: task.num_seen] = drawn["bias"][task.num_old:]
-            run.ctx.open_fit(task)
-            ours.fit(task)
-            seen = run.stream.tasks[: task.index + 1]
-            run.ctx.open_evaluation(seen)
+
+        for task, seen in both_trained(run, official, schedule, data_manager, drawn_rows):
             test_labels = np.concatenate([t.test.labels for t in seen])
             test_ids = np.concatenate([t.test.indices for t in seen])
             our_probabilities = torch.cat([ours.predict(t.test) for t in seen]).exp()  # pilot: log-probabilities
