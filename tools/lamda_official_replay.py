@@ -515,6 +515,15 @@ def profile_run(learner: str, folder: Path, tasks: int) -> Run:
         return Run(build_config(raw))
 
 
+def pilots_own_args(learner: str, run: Run) -> dict:
+    """PILOT's own ``exps/<learner>.json`` with the small training keys, on the CPU, over the tiny stream."""
+    import models.base
+    from pilot.config import load_raw
+    source = Path(models.base.__file__).resolve().parents[1]
+    return {**load_raw(source / "exps" / f"{learner}.json"), **PROFILE_SETTINGS[learner], "device": ["cpu"],
+            "nb_classes": sum(len(t.classes) for t in run.stream.tasks), "init_cls": 2, "increment": 2}
+
+
 def official_args(learner: str, run: Run) -> dict:
     settings = {**profile_keys(learner), **PROFILE_SETTINGS[learner]}
     suffix = "_adapter" if learner in ("ranpac", "fecam", "aper_adapter") else ""
@@ -846,7 +855,6 @@ def check_prompt_learner(learner: str, broken: str = "", tasks: int = TASKS, off
     exps/<learner>.json)."""
     import models.base
     import utils.inc_net as inc_net
-    from pilot.config import load_raw
     from pilot.learners._prompt import class_sorted
     module = __import__(f"models.{learner}", fromlist=["Learner"])
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as patches:
@@ -854,9 +862,7 @@ def check_prompt_learner(learner: str, broken: str = "", tasks: int = TASKS, off
         run = profile_run(learner, Path(folder), tasks)
         banks = image_banks(run)
         schedule = Schedule()
-        source = Path(models.base.__file__).resolve().parents[1]
-        args = {**load_raw(source / "exps" / f"{learner}.json"), **PROMPT_SETTINGS, "device": ["cpu"],
-                "nb_classes": sum(len(t.classes) for t in run.stream.tasks), "init_cls": 2, "increment": 2}
+        args = pilots_own_args(learner, run)
         torch.manual_seed(1)
         prompted, original = prompt_vits(learner, run, args)
         patches.enter_context(mock.patch.object(inc_net, "get_backbone", lambda *_: prompted))
@@ -1023,16 +1029,13 @@ def check_lae_learner(learner: str, broken: str = "", tasks: int = TASKS) -> dic
     batches; after every task both PETs, the head and the ensemble's probabilities are compared."""
     import models.base
     import utils.inc_net as inc_net
-    from pilot.config import load_raw
     module = __import__(f"models.{learner}", fromlist=["Learner"])
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as patches:
         torch.manual_seed(0)
         run = profile_run(learner, Path(folder), tasks)
         banks = image_banks(run)
         schedule = Schedule()
-        source = Path(models.base.__file__).resolve().parents[1]
-        args = {**load_raw(source / "exps" / f"{learner}.json"), **PROFILE_SETTINGS[learner], "device": ["cpu"],
-                "nb_classes": sum(len(t.classes) for t in run.stream.tasks), "init_cls": 2, "increment": 2}
+        args = pilots_own_args(learner, run)
         patches.enter_context(mock.patch.object(inc_net, "get_backbone", lambda *_, **__: lae_vit(run)))
         torch.manual_seed(1)
         official = module.Learner(args)
