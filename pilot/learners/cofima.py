@@ -13,7 +13,9 @@ and alignment relearns it (the official code and PILOT); ``new_head: "trained"``
 
 Deliberate departure: the official Fisher of old heads is the square of whatever stale ``.grad``
 they hold (they are frozen, and only the optimiser's own parameters are zeroed); here every seen
-head gets its true Fisher. It only changes where alignment starts. Defaults: PILOT's exps/cofima.json.
+head gets its true Fisher (``old_head_fisher: "stale_gradient"`` gives PILOT's, as its profile
+exps/reproduce/pilot/cofima.json sets). It only changes where alignment starts, from the third task
+on. Defaults: PILOT's exps/cofima.json.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from pilot.modules.merge import diagonal_fisher, fisher_merge, interpolate
 
 Weights = dict[str, torch.Tensor]
 NEW_HEAD_RULES = ("fisher_scaled", "trained")
+OLD_HEAD_FISHER_RULES = ("true", "stale_gradient")
 
 
 @dataclass
@@ -46,6 +49,10 @@ class CoFiMAConfig(SLCAConfig):
     # The new task's head after a Fisher merge: "fisher_scaled" = capped Fisher x trained head, about 0,
     # which alignment then relearns (the official code and PILOT); "trained" keeps the trained head.
     new_head: str = "fisher_scaled"
+    # The old (frozen) heads' Fisher in the merge: "true" = their squared gradients on the task's data (pilot);
+    # "stale_gradient" = the square of the last gradient each head received (PILOT's getFisherDiagonal adds the
+    # .grad a frozen head still holds: from the previous task's last alignment step, or task 1's last Fisher batch).
+    old_head_fisher: str = "true"
 
 
 @register_learner("cofima")
@@ -56,6 +63,7 @@ class CoFiMA(SLCA):
         super().__init__(config, ctx)
         self.previous_weights: Optional[Weights] = None  # taken when a task begins
         self.previous_fisher: Optional[Weights] = None  # checkpointed: it needs the previous task's data
+        self.last_head_gradients: Weights = {}  # per head tensor its last gradient (old_head_fisher "stale_gradient")
 
     @classmethod
     def validate_config(cls, config: CoFiMAConfig) -> None:
@@ -64,6 +72,9 @@ class CoFiMA(SLCA):
             raise PilotError("wt_lambda must lie in [0, 1] and fishermax must be > 0.")
         if config.new_head not in NEW_HEAD_RULES:
             raise PilotError(f"new_head must be one of {', '.join(NEW_HEAD_RULES)}, got '{config.new_head}'.")
+        if config.old_head_fisher not in OLD_HEAD_FISHER_RULES:
+            raise PilotError(f"old_head_fisher must be one of {', '.join(OLD_HEAD_FISHER_RULES)}, got "
+                             f"'{config.old_head_fisher}'.")
 
     def model(self, heads: nn.ModuleList) -> nn.ModuleDict:
         """The backbone with ``heads``: the network CoFiMA estimates Fisher on and merges (a view, no copy)."""
@@ -96,9 +107,37 @@ class CoFiMA(SLCA):
             return F.cross_entropy(logits.float(), labels)
 
         self.set_train_mode(True)
-        fisher = diagonal_fisher(model, batches, loss)
+        if self.config.old_head_fisher == "true":
+            fisher = diagonal_fisher(model, batches, loss)
+        else:
+            fisher = self.stale_gradient_fisher(model, batches, loss, task)
         self.set_train_mode(False)
         return fisher
+
+    def stale_gradient_fisher(self, model: nn.ModuleDict, batches, loss, task: Task) -> Weights:
+        """PILOT's Fisher: the old heads' entries are the squares of their last gradients; the new head's last
+        Fisher batch gradient is kept as its last one (alignment, if it runs, replaces them all)."""
+        last = []
+
+        def remembering_the_last():
+            for batch in batches:
+                last[:] = [batch]
+                yield batch
+
+        fisher = diagonal_fisher(model, remembering_the_last(), loss)
+        fisher.update({name: gradient.pow(2) for name, gradient in self.last_head_gradients.items()})
+        new_head = {f"heads.{task.index}.{kind}": getattr(model["heads"][task.index], kind)
+                    for kind in ("weight", "bias")}
+        gradients = torch.autograd.grad(loss(model, last[0]), list(new_head.values()))
+        self.last_head_gradients.update({name: g.detach() for name, g in zip(new_head, gradients)})
+        return fisher
+
+    def align_classifier(self) -> None:
+        super().align_classifier()
+        if self.config.old_head_fisher == "stale_gradient":  # what each aligned head's .grad holds now, in PILOT
+            heads = self.seen_heads(self.net["aligned_heads"])
+            self.last_head_gradients = {f"heads.{t}.{kind}": getattr(head, kind).grad.detach().clone()
+                                        for t, head in enumerate(heads) for kind in ("weight", "bias")}
 
     @torch.no_grad()
     def merge_with_previous(self, fisher: Optional[Weights]) -> None:
@@ -116,8 +155,10 @@ class CoFiMA(SLCA):
             parameter.copy_(merged[name])
 
     def state_dict(self):
-        return {**super().state_dict(), "previous_fisher": self.previous_fisher}
+        return {**super().state_dict(), "previous_fisher": self.previous_fisher,
+                "last_head_gradients": self.last_head_gradients}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.previous_fisher = state["previous_fisher"]
+        self.last_head_gradients = state.get("last_head_gradients", {})
