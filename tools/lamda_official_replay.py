@@ -552,7 +552,10 @@ def profile_keys(learner: str) -> dict:
 
 
 def profile_run(learner: str, folder: Path, tasks: int) -> Run:
-    raw = {**profile_keys(learner), "model_name": learner, "dataset": "synthetic", "init_cls": 2, "increment": 2,
+    from pilot.config import load_raw
+    # the profile's learner: aper_vpt_deep and aper_vpt_shallow are both aper_vpt
+    model_name = load_raw(ROOT / "exps" / "reproduce" / "pilot" / f"{learner}.json")["model_name"]
+    raw = {**profile_keys(learner), "model_name": model_name, "dataset": "synthetic", "init_cls": 2, "increment": 2,
            "seed": [1], "backbone_type": "vit_tiny_patch16_224", "pretrained": False,
            "backbone_args": {**TINY_VIT, "depth": DEPTH.get(learner, TINY_VIT["depth"])},
            "log_dir": str(folder / "logs"), "progress": False, "device": ["cpu"], "train_per_class": TRAIN_PER_CLASS,

@@ -16,7 +16,6 @@ import contextlib
 import copy
 import sys
 import tempfile
-import warnings
 from functools import partial
 from pathlib import Path
 from unittest import mock
@@ -25,12 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lamda_official_replay import (BREAKS, CHECKS, P1_LEARNERS, PATCHES, TASKS, TEST_PER_CLASS,  # noqa: E402
-                                   TINY_VIT, TRAIN_PER_CLASS, Schedule, announce, both_trained, image_banks, largest,
-                                   p1_args, p1_run,
-                                   profile_keys, profile_report, profile_result, same_batches,
+from lamda_official_replay import (BREAKS, CHECKS, P1_LEARNERS, PATCHES, PROFILE_SETTINGS, TASKS,  # noqa: E402
+                                   Schedule, announce, both_trained, image_banks, largest, p1_args, p1_run,
+                                   pilots_own_args, profile_report, profile_result, profile_run, same_batches,
                                    share_first_head, side_by_side)
-from pilot.configure import build_config  # noqa: E402
 from pilot.engine import Run  # noqa: E402
 
 VPT_LEARNERS = ("aper_vpt_deep", "aper_vpt_shallow")  # pilot's profile files; both are model_name aper_vpt
@@ -55,17 +52,6 @@ VPT_PATCHES = [
     "bank (APER's train_loader_for_protonet is shuffled, and Batches augments every shuffled loader under P1)"]
 
 
-def vpt_run(learner: str, folder: Path, tasks: int) -> Run:
-    """pilot's ``exps/reproduce/pilot/<learner>.json`` method keys on the tiny stream, small training keys."""
-    raw = {**profile_keys(learner), "model_name": "aper_vpt", "dataset": "synthetic", "init_cls": 2, "increment": 2,
-           "seed": [1], "backbone_type": "vit_tiny_patch16_224", "pretrained": False, "backbone_args": TINY_VIT,
-           "log_dir": str(folder / "logs"), "progress": False, "device": ["cpu"], "train_per_class": TRAIN_PER_CLASS,
-           "test_per_class": TEST_PER_CLASS, "max_tasks": tasks, **VPT_SETTINGS}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Run(build_config(raw))
-
-
 def unaugmented_test_mode(data_manager, banks: dict) -> None:
     """PILOT's ``mode="test"`` datasets go through its test transform even when shuffled (APER's
     ``train_loader_for_protonet``): under P1 they get the eval-transformed bank, not the augmented one."""
@@ -80,15 +66,6 @@ def unaugmented_test_mode(data_manager, banks: dict) -> None:
         return out
 
     data_manager.get_dataset = get_dataset_by_mode
-
-
-def vpt_args(learner: str, run: Run) -> dict:
-    """PILOT's own ``exps/<learner>.json`` with the small training keys, on the CPU, over the tiny stream."""
-    import models.base
-    from pilot.config import load_raw
-    source = Path(models.base.__file__).resolve().parents[1]
-    return {**load_raw(source / "exps" / f"{learner}.json"), **VPT_SETTINGS, "device": ["cpu"],
-            "nb_classes": sum(len(t.classes) for t in run.stream.tasks), "init_cls": 2, "increment": 2}
 
 
 def vpt_backbones_from_pilots(run: Run, patches: contextlib.ExitStack) -> None:
@@ -166,10 +143,10 @@ def check_vpt_learner(learner: str, broken: str = "", tasks: int = TASKS, protoc
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as patches:
         torch.manual_seed(0)
         p1 = protocol == "p1"
-        run = p1_run(learner, Path(folder), settings) if p1 else vpt_run(learner, Path(folder), tasks)
+        run = p1_run(learner, Path(folder), settings) if p1 else profile_run(learner, Path(folder), tasks)
         banks = image_banks(run, augment=p1)
         schedule = Schedule()
-        args = p1_args(learner, run, settings) if p1 else vpt_args(learner, run)
+        args = p1_args(learner, run, settings) if p1 else pilots_own_args(learner, run)
         vpt_backbones_from_pilots(run, patches)
         torch.manual_seed(1)
         official = module.Learner(args)
@@ -221,3 +198,4 @@ CHECKS.update(dict.fromkeys(VPT_LEARNERS, check_vpt_learner))
 BREAKS.update(VPT_BREAKS)
 PATCHES.extend(VPT_PATCHES)
 P1_LEARNERS.extend(VPT_LEARNERS)
+PROFILE_SETTINGS.update(dict.fromkeys(VPT_LEARNERS, VPT_SETTINGS))
