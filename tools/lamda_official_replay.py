@@ -655,14 +655,19 @@ def copy_adapters(official, run: Run, broken: str) -> None:
                 unit.scale = 0.2
 
 
+def adapter_set_pairs(name: str, ours, theirs) -> list:
+    """(name, pilot's, PILOT's) per adapter tensor of one adapter set: pilot's AdapterSet, PILOT's adapters (its
+    AdaptFormer ``Adapter`` modules, block by block)."""
+    return [(f"{name}{i}.{mine}.{kind}", getattr(getattr(unit, mine), kind), getattr(getattr(adapter, other), kind))
+            for i, (unit, adapter) in enumerate(zip(ours.units, theirs))
+            for mine, other in (("down", "down_proj"), ("up", "up_proj")) for kind in ("weight", "bias")]
+
+
 def adapter_pairs(official, run: Run, adapted: torch.nn.Module | None = None) -> list:
-    """(name, pilot's, PILOT's) per adapter tensor; ``adapted``: PILOT's adapter ViT where it is no longer
+    """``adapter_set_pairs`` of the adapter ViT; ``adapted``: PILOT's adapter ViT where it is no longer
     ``_network.backbone`` (APER's dual-branch network)."""
     blocks = (adapted or official._network.backbone).blocks
-    return [(f"adapter{i}.{ours}.{kind}", getattr(getattr(unit, ours), kind),
-             getattr(getattr(block.adaptmlp, theirs), kind))
-            for i, (block, unit) in enumerate(zip(blocks, run.learner.net["adaptation"].units))
-            for ours, theirs in (("down", "down_proj"), ("up", "up_proj")) for kind in ("weight", "bias")]
+    return adapter_set_pairs("adapter", run.learner.net["adaptation"], [block.adaptmlp for block in blocks])
 
 
 def both_trained(run: Run, official, schedule: Schedule, data_manager, between=None):

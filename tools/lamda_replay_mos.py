@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lamda_official_replay import (BREAKS, CHECKS, FIXES, PATCHES, PROFILE_SETTINGS, TASKS, TINY_VIT,  # noqa: E402
-                                   Schedule, both_trained, largest, profile_report, profile_setup, same_batches,
-                                   split_qkv)
+                                   Schedule, adapter_set_pairs, both_trained, largest, profile_report, profile_setup,
+                                   same_batches, split_qkv)
 
 # two epochs a task (the first task's cosine schedule and the pulls of later tasks both act), init_lr 0.3 so the
 # adapters (up-projection drawn at 0) move visibly; two alignment epochs; batch 4 (20 Gaussian samples a class)
@@ -80,13 +80,6 @@ def mos_vit(run, args: dict) -> torch.nn.Module:
     for name, parameter in model.named_parameters():
         parameter.requires_grad = "head" in name or "adapter" in name
     return model
-
-
-def mos_adapter_pairs(name: str, ours, theirs) -> list:
-    """(name, pilot's, PILOT's) per adapter tensor of one adapter set: pilot's AdapterSet, PILOT's ModuleList."""
-    return [(f"{name}{i}.{mine}.{kind}", getattr(getattr(unit, mine), kind), getattr(getattr(adapter, other), kind))
-            for i, (unit, adapter) in enumerate(zip(ours.units, theirs))
-            for mine, other in (("down", "down_proj"), ("up", "up_proj")) for kind in ("weight", "bias")]
 
 
 class AlignmentDraws:
@@ -186,7 +179,7 @@ def check_mos_learner(learner: str = "mos", broken: str = "", tasks: int = TASKS
         for unit in ours.net["current"].units:
             unit.dropout.p = 0.0
         with torch.no_grad():  # PILOT's drawn adapters and head into pilot's
-            for _, mine, drawn in mos_adapter_pairs("current", ours.net["current"], theirs.cur_adapter):
+            for _, mine, drawn in adapter_set_pairs("current", ours.net["current"], theirs.cur_adapter):
                 mine.copy_(drawn)
             ours.net["head"].weight.copy_(theirs.head.weight)
             ours.net["head"].bias.copy_(theirs.head.bias)
@@ -203,12 +196,12 @@ def check_mos_learner(learner: str = "mos", broken: str = "", tasks: int = TASKS
                 train(manager)
 
         official.incremental_train = recording_train
-        initial = [p.detach().clone() for _, p, _ in mos_adapter_pairs("current", ours.net["current"],
+        initial = [p.detach().clone() for _, p, _ in adapter_set_pairs("current", ours.net["current"],
                                                                         theirs.cur_adapter)]
         stored = []  # PILOT's stored adapters as training left them (its evaluation pulls them in place)
 
         def snapshot(task):
-            stored[:] = [[p.detach().clone() for _, _, p in mos_adapter_pairs("", ours.net["current"], adapters)]
+            stored[:] = [[p.detach().clone() for _, _, p in adapter_set_pairs("", ours.net["current"], adapters)]
                          for adapters in theirs.adapter_list]
 
         reports = []
@@ -217,17 +210,17 @@ def check_mos_learner(learner: str = "mos", broken: str = "", tasks: int = TASKS
             test_labels = np.concatenate([t.test.labels for t in seen])
             our_outputs = torch.cat([ours.predict(t.test) for t in seen])
             their, their_predictions = their_outputs(official, test_ids, test_labels, banks)
-            parameters = mos_adapter_pairs("current", ours.net["current"], theirs.cur_adapter)
+            parameters = adapter_set_pairs("current", ours.net["current"], theirs.cur_adapter)
             for t, (adapters, snapshot_t) in enumerate(zip(ours.net["adapters"], stored)):
                 parameters += [(f"stored{t}.{n}", mine, before)
-                               for (n, mine, _), before in zip(mos_adapter_pairs("", adapters, theirs.adapter_list[t]),
+                               for (n, mine, _), before in zip(adapter_set_pairs("", adapters, theirs.adapter_list[t]),
                                                                snapshot_t)]
             parameters += [("head.weight", ours.net["head"].weight, theirs.head.weight),
                            ("head.bias", ours.net["head"].bias, theirs.head.bias)]
             statistics = [("class means", ours.statistics.means, torch.stack(list(official.cls_mean.values()))),
                           ("class covariances", ours.statistics.covs, torch.stack(list(official.cls_cov.values()))),
                           ("prototypes", ours.prototypes.prototypes, network.fc.weight[: task.num_seen])]
-            drift = largest([(f"stored{t}", torch.cat([p.flatten() for _, _, p in mos_adapter_pairs(
+            drift = largest([(f"stored{t}", torch.cat([p.flatten() for _, _, p in adapter_set_pairs(
                 "", ours.net["current"], theirs.adapter_list[t])]), torch.cat([p.flatten() for p in snapshot_t]))
                 for t, snapshot_t in enumerate(stored)])
             moved = largest([(n, mine, start) for (n, mine, _), start in zip(parameters, initial)])[1]
