@@ -170,7 +170,8 @@ class ConfigSeen(Exception):
     pass
 
 
-@pytest.mark.parametrize("learner", ["l2p", "dualprompt", "lae", "ranpac"])
+@pytest.mark.parametrize("learner", ["l2p", "dualprompt", "lae", "ranpac", "slca", "cofima", "aper_vpt_deep",
+                                     "aper_vpt_shallow", "aper_finetune", "finetune", "mos"])
 def test_p1_side_of_pilot_is_the_config_reproduce_runs_as_its_pilot_profile(learner, tmp_path, monkeypatch):
     """pilot's side on P1 is exactly tools/reproduce.py's `pilot` column: exps/<learner>_p1.json with the profile's
     overrides (LAE keeps P1's num_freeze_epochs 2 where the profile file says PILOT's 3, as reproduce.py does)."""

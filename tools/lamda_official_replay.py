@@ -21,10 +21,9 @@ trained parameters and the test logits (and for iCaRL/DER the exemplar memory an
   ``checkpoint_filter_fn``; the augmentation and batch order shared, PILOT's draws copied into pilot's. Reports
   both sides' accuracy after every task and Ā. DualPrompt also with ``--official-fix prefix_layout``.
 - the families in files of their own (``FAMILIES``: ``tools/lamda_replay_*.py``, imported when a check runs; each
-  registers its checks, breaks, fixes, patches and P1 learners in this module's tables): ``aper_vpt_deep``,
-  ``aper_vpt_shallow`` (also ``--protocol p1``), ``aper_finetune``, ``finetune``, ``mos`` (``--official-fix
-  eval_pulls``: PILOT's in-place adapter pulls outside training removed), ``slca``, ``cofima`` (also ``--protocol
-  p1``).
+  registers its checks, breaks, fixes, patches and P1 learners in this module's tables), each also with
+  ``--protocol p1``: ``aper_vpt_deep``, ``aper_vpt_shallow``, ``aper_finetune``, ``finetune``, ``mos``
+  (``--official-fix eval_pulls``: PILOT's in-place adapter pulls outside training removed), ``slca``, ``cofima``.
 
 PILOT is exported at the pinned commit (``tools/lamda_pilot.py``'s ``COMMIT``) into a temporary folder and imported
 in this process only; nothing of it enters pilot. What is replaced around PILOT's learners, and why (``PATCHES``;
@@ -479,6 +478,22 @@ def same_batches(run: Run, banks: dict[str, Bank], schedule: "Schedule") -> "Fak
     run.ctx.train_loader = lambda split, batch_size, *_, **__: Batches(
         split.indices, split.labels, banks["train"], batch_size, schedule.task, True, pilots=True)
     return FakeDataManager(run, banks)
+
+
+def unaugmented_test_mode(data_manager, banks: dict) -> None:
+    """PILOT's ``mode="test"`` datasets go through its test transform even when shuffled (APER's
+    ``train_loader_for_protonet``): under P1 they get the eval-transformed bank, not the augmented one."""
+    plain = copy.copy(banks["train"])
+    plain.train_transform = None
+    get_dataset = data_manager.get_dataset
+
+    def get_dataset_by_mode(indices, source, mode, appendent=None, ret_data=False):
+        out = get_dataset(indices, source, mode, appendent, ret_data)
+        if mode == "test" and source == "train":
+            (out[-1] if ret_data else out).bank = plain
+        return out
+
+    data_manager.get_dataset = get_dataset_by_mode
 
 
 def check_exemplar_learner(learner: str, broken: str = "", tasks: int = TASKS, protocol: str = "tiny",

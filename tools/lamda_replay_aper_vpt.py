@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lamda_official_replay import (BREAKS, CHECKS, P1_LEARNERS, PATCHES, PROFILE_SETTINGS, TASKS,  # noqa: E402
                                    Schedule, announce, both_trained, image_banks, largest, p1_args, p1_run,
                                    pilots_own_args, profile_report, profile_result, profile_run, same_batches,
-                                   share_first_head, side_by_side)
+                                   share_first_head, side_by_side, unaugmented_test_mode)
 from pilot.engine import Run  # noqa: E402
 
 VPT_LEARNERS = ("aper_vpt_deep", "aper_vpt_shallow")  # pilot's profile files; both are model_name aper_vpt
@@ -50,22 +50,6 @@ VPT_PATCHES = [
     "with tuned_epoch 2, batch_size 4",
     "aper_vpt --protocol p1: the data manager's mode='test' datasets of the training source use the un-augmented "
     "bank (APER's train_loader_for_protonet is shuffled, and Batches augments every shuffled loader under P1)"]
-
-
-def unaugmented_test_mode(data_manager, banks: dict) -> None:
-    """PILOT's ``mode="test"`` datasets go through its test transform even when shuffled (APER's
-    ``train_loader_for_protonet``): under P1 they get the eval-transformed bank, not the augmented one."""
-    plain = copy.copy(banks["train"])
-    plain.train_transform = None
-    get_dataset = data_manager.get_dataset
-
-    def get_dataset_by_mode(indices, source, mode, appendent=None, ret_data=False):
-        out = get_dataset(indices, source, mode, appendent, ret_data)
-        if mode == "test" and source == "train":
-            (out[-1] if ret_data else out).bank = plain
-        return out
-
-    data_manager.get_dataset = get_dataset_by_mode
 
 
 def vpt_backbones_from_pilots(run: Run, patches: contextlib.ExitStack) -> None:

@@ -12,6 +12,7 @@ import).
 
     python tools/lamda_official_replay.py --learner aper_finetune           # or finetune
     python tools/lamda_official_replay.py --learner aper_finetune --break tuned_in_place   # must print "agree": false
+    python tools/lamda_official_replay.py --protocol p1 --learner finetune --assets ../shared/assets  # P1 itself
 
 """
 from __future__ import annotations
@@ -27,9 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lamda_official_replay import (BREAKS, CHECKS, PATCHES, PROFILE_SETTINGS, TASKS, Schedule,  # noqa: E402
-                                   both_trained, largest, official_args, profile_report, profile_setup, record_draws,
-                                   same_batches, share_first_head, side_by_side)
+from lamda_official_replay import (BREAKS, CHECKS, P1_LEARNERS, PATCHES, PROFILE_SETTINGS, TASKS,  # noqa: E402
+                                   Schedule, announce, both_trained, largest, official_args, profile_report,
+                                   profile_result, profile_setup, record_draws, same_batches, share_first_head,
+                                   side_by_side, unaugmented_test_mode)
 
 # PILOT's training keys at small values, on both sides (the rest: the profile on pilot's side, the same keys on
 # PILOT's). APER-Finetune: the profile's weight decay 0.05, min_lr 0 and SGD. Finetune: a step decay after the first
@@ -52,7 +54,9 @@ FINETUNE_PATCHES = [
     "aper_finetune: the drawn task-1 cosine head and its trained weights and sigma recorded (update_fc and "
     "_init_train wrapped), the drawn head copied into pilot's",
     "finetune: _network.update_fc wrapped to record the rows it draws; each task's new rows copied into pilot's "
-    "task head before it trains"]
+    "task head before it trains",
+    "aper_finetune --protocol p1: the data manager's mode='test' datasets of the training source use the "
+    "un-augmented bank (as for aper_vpt)"]
 
 
 def trainable_copy(run) -> torch.nn.Module:
@@ -70,16 +74,21 @@ def named(prefix: str, ours: torch.nn.Module, theirs: torch.nn.Module) -> list:
             for name, mine in ours.named_parameters()]
 
 
-def check_finetuned_learner(learner: str, broken: str = "", tasks: int = TASKS) -> dict:
+def check_finetuned_learner(learner: str, broken: str = "", tasks: int = TASKS, protocol: str = "tiny",
+                            settings: dict | None = None) -> dict:
     """APER-Finetune or Finetune under pilot's PILOT profile beside PILOT's ``models/<learner>.py``: the same tiny
     ViT fine-tuned on the same batches from PILOT's drawn head; after every task the trained ViT, the head (APER:
-    the task-1 cosine head, the untouched pre-trained branch and the prototypes) and the logits are compared."""
+    the task-1 cosine head, the untouched pre-trained branch and the prototypes) and the logits are compared.
+    ``protocol`` "p1": P1 itself (DeiT-Tiny, CIFAR-100's subset, PILOT's transforms and augmentation shared, its
+    config as ``tools/lamda_pilot.py`` runs it; ``settings`` laid over both sides, a cut-down trial)."""
     import models.base
     import utils.inc_net as inc_net
     module = __import__(f"models.{learner}", fromlist=["Learner"])
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as patches:
-        run, banks, _ = profile_setup(learner, Path(folder), tasks, "tiny", None)
-        schedule, args = Schedule(), official_args(learner, run)
+        run, banks, args = profile_setup(learner, Path(folder), tasks, protocol, settings)
+        schedule = Schedule()
+        if protocol == "tiny":
+            args = official_args(learner, run)
         pretrained = trainable_copy(run)
         initial = copy.deepcopy(pretrained)
         patches.enter_context(mock.patch.object(inc_net, "get_backbone", lambda *_, **__: copy.deepcopy(pretrained)))
@@ -88,6 +97,7 @@ def check_finetuned_learner(learner: str, broken: str = "", tasks: int = TASKS) 
         for patched in (models.base, module):
             patched.DataLoader = schedule.loader
         data_manager = same_batches(run, banks, schedule)
+        unaugmented_test_mode(data_manager, banks)
         ours, drawn, between = run.learner, {}, None
         if learner == "aper_finetune":
             share_first_head(official, ours, drawn)
@@ -141,12 +151,14 @@ def check_finetuned_learner(learner: str, broken: str = "", tasks: int = TASKS) 
                 extra = {"vit_moved_by": largest(named("", network.backbone, initial))[1],
                          "vit_relative": largest(vit)[2], "head_relative": largest(parameters[-2:])[2]}
             reports.append(profile_report(task, parameters, their_logits, our_logits, test_labels, extra))
+            announce(protocol, learner, reports[-1])
             official.after_task()
         run.ctx.access.open()
-    return {"learner": learner, "tasks": reports, "agree": all(t["agree"] for t in reports)}
+    return profile_result(learner, protocol, reports)
 
 
 CHECKS.update(aper_finetune=check_finetuned_learner, finetune=check_finetuned_learner)
 BREAKS.update(FINETUNE_BREAKS)
 PATCHES.extend(FINETUNE_PATCHES)
+P1_LEARNERS.extend(["aper_finetune", "finetune"])
 PROFILE_SETTINGS.update(FINETUNE_SETTINGS)

@@ -10,6 +10,7 @@ prototypes and the ensemble's test outputs (what PILOT's own ``_eval_cnn`` ranks
     python tools/lamda_official_replay.py --learner mos                 # PILOT as it is
     python tools/lamda_official_replay.py --learner mos --official-fix eval_pulls  # PILOT's in-place pulls outside training removed
     python tools/lamda_official_replay.py --learner mos --break forward_merge      # must print "agree": false
+    python tools/lamda_official_replay.py --protocol p1 --learner mos --official-fix eval_pulls --assets ../shared/assets
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lamda_official_replay import (BREAKS, CHECKS, FIXES, PATCHES, PROFILE_SETTINGS, TASKS, TINY_VIT,  # noqa: E402
-                                   Schedule, adapter_set_pairs, both_trained, largest, profile_report, profile_setup,
-                                   same_batches, split_qkv)
+from lamda_official_replay import (BREAKS, CHECKS, FIXES, P1_LEARNERS, PATCHES, PROFILE_SETTINGS, TASKS,  # noqa: E402
+                                   Schedule, adapter_set_pairs, announce, both_trained, largest, profile_report,
+                                   profile_result, profile_setup, same_batches, split_qkv, unaugmented_test_mode,
+                                   vit_size)
 
 # two epochs a task (the first task's cosine schedule and the pulls of later tasks both act), init_lr 0.3 so the
 # adapters (up-projection drawn at 0) move visibly; two alignment epochs; batch 4 (20 Gaussian samples a class)
@@ -48,11 +50,13 @@ MOS_PATCHES = [
     "alignment's samples and shuffle; pilot's ClassGaussians.sample returns them, epoch by epoch",
     "mos: torch.topk wrapped while PILOT's _eval_cnn runs (topk 5 -> 1), to record the outputs it ranks",
     "mos, --official-fix eval_pulls only: vit_mos VisionTransformer.reweight_adapter pulls nothing while the ViT is "
-    "in eval mode"]
+    "in eval mode",
+    "mos --protocol p1: the data manager's mode='test' datasets of the training source use the un-augmented bank "
+    "(as for aper_vpt)"]
 
 
 def mos_vit(run, args: dict) -> torch.nn.Module:
-    """PILOT's ``backbone/vit_mos.py`` VisionTransformer at the tiny ViT's size, with the tuning config of
+    """PILOT's ``backbone/vit_mos.py`` VisionTransformer at the tiny ViT's size (DeiT-Tiny's on P1), with the tuning config of
     ``utils/inc_net.py``'s ``get_backbone`` (its width the tiny ViT's, as ``tools/lamda_pilot.py`` sets ViT-Ti's),
     loaded with the tiny ViT's weights as ``vit_base_patch16_224_mos`` loads ViT-B/16; the head (num_classes =
     nb_classes) drawn as ``timm.create_model(..., num_classes=nb_classes)`` draws the one PILOT loads."""
@@ -60,15 +64,14 @@ def mos_vit(run, args: dict) -> torch.nn.Module:
     from types import SimpleNamespace
 
     from backbone import vit_mos
-    timm_vit = run.ctx.backbone.model
-    dim = timm_vit.embed_dim
+    timm_vit, size = run.ctx.backbone.model, vit_size(run)
+    dim = size["embed_dim"]
     tuning = SimpleNamespace(ffn_adapt=True, ffn_option="parallel", ffn_adapter_layernorm_option="none",
                              ffn_adapter_init_option="lora", ffn_adapter_scalar="0.1", ffn_num=args["ffn_num"],
                              d_model=dim, _device=args["device"][0], adapter_momentum=args["adapter_momentum"],
                              vpt_on=False, vpt_num=0)
     model = vit_mos.VisionTransformer(
-        img_size=TINY_VIT["img_size"], patch_size=TINY_VIT["patch_size"], embed_dim=dim, depth=len(timm_vit.blocks),
-        num_heads=timm_vit.blocks[0].attn.num_heads, mlp_ratio=4, qkv_bias=True,
+        **size, mlp_ratio=4, qkv_bias=True,
         norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_classes=args["nb_classes"], global_pool=False,
         drop_path_rate=0.0, tuning_config=tuning)
     state = split_qkv({k: v for k, v in timm_vit.state_dict().items() if not k.startswith("head.")}, dim)
@@ -150,17 +153,21 @@ def their_outputs(official, test_ids: np.ndarray, test_labels: np.ndarray, banks
     return torch.cat(outputs)[order], predictions[:, 0][order.numpy()]
 
 
-def check_mos_learner(learner: str = "mos", broken: str = "", tasks: int = TASKS, official_fix: str = "") -> dict:
+def check_mos_learner(learner: str = "mos", broken: str = "", tasks: int = TASKS, official_fix: str = "",
+                      protocol: str = "tiny", settings: dict | None = None) -> dict:
     """MOS under pilot's PILOT profile beside PILOT's ``models/mos.py`` (PILOT with its own exps/mos.json):
     PILOT's drawn adapters and head copied into pilot's, the same batches and alignment samples; after every task
     the current and the stored adapters, the head, the class means and covariances, the retrieval prototypes
-    and the ensemble's outputs are compared (the stored adapters before PILOT's evaluation pulls them)."""
+    and the ensemble's outputs are compared (the stored adapters before PILOT's evaluation pulls them).
+    ``protocol`` "p1": P1 itself (DeiT-Tiny, CIFAR-100's subset, PILOT's transforms and augmentation shared, its
+    config as ``tools/lamda_pilot.py`` runs it, the adapters' dropout 0 on both sides; ``settings`` laid over both
+    sides, a cut-down trial)."""
     import models.base
     import models.mos
     import utils.inc_net as inc_net
     from backbone import vit_mos
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as patches:
-        run, banks, args = profile_setup(learner, Path(folder), tasks, "tiny", None)
+        run, banks, args = profile_setup(learner, Path(folder), tasks, protocol, settings)
         schedule = Schedule()
         patches.enter_context(mock.patch.object(inc_net, "get_backbone", lambda *_, **__: mos_vit(run, args)))
         if official_fix == "eval_pulls":
@@ -173,16 +180,18 @@ def check_mos_learner(learner: str = "mos", broken: str = "", tasks: int = TASKS
         for patched in (models.base, models.mos):
             patched.DataLoader = schedule.loader
         data_manager = same_batches(run, banks, schedule)
+        unaugmented_test_mode(data_manager, banks)
         ours, theirs = run.learner, network.backbone
         for adapter in theirs.cur_adapter:
             adapter.dropout = 0.0
         for unit in ours.net["current"].units:
             unit.dropout.p = 0.0
+        rows = ours.net["head"].out_features  # PILOT's head: the dataset's classes (100 on P1), the rest never read
         with torch.no_grad():  # PILOT's drawn adapters and head into pilot's
             for _, mine, drawn in adapter_set_pairs("current", ours.net["current"], theirs.cur_adapter):
                 mine.copy_(drawn)
-            ours.net["head"].weight.copy_(theirs.head.weight)
-            ours.net["head"].bias.copy_(theirs.head.bias)
+            ours.net["head"].weight.copy_(theirs.head.weight[:rows])
+            ours.net["head"].bias.copy_(theirs.head.bias[:rows])
         if broken == "forward_merge":
             ours.config.adapter_merge = "step"
         if broken == "orthogonality":
@@ -215,8 +224,8 @@ def check_mos_learner(learner: str = "mos", broken: str = "", tasks: int = TASKS
                 parameters += [(f"stored{t}.{n}", mine, before)
                                for (n, mine, _), before in zip(adapter_set_pairs("", adapters, theirs.adapter_list[t]),
                                                                snapshot_t)]
-            parameters += [("head.weight", ours.net["head"].weight, theirs.head.weight),
-                           ("head.bias", ours.net["head"].bias, theirs.head.bias)]
+            parameters += [("head.weight", ours.net["head"].weight, theirs.head.weight[:rows]),
+                           ("head.bias", ours.net["head"].bias, theirs.head.bias[:rows])]
             statistics = [("class means", ours.statistics.means, torch.stack(list(official.cls_mean.values()))),
                           ("class covariances", ours.statistics.covs, torch.stack(list(official.cls_cov.values()))),
                           ("prototypes", ours.prototypes.prototypes, network.fc.weight[: task.num_seen])]
@@ -235,14 +244,15 @@ def check_mos_learner(learner: str = "mos", broken: str = "", tasks: int = TASKS
             report = profile_report(task, parameters, their, our_outputs, test_labels, extra)
             reports.append({**report, "agree": report["agree"] and extra["eval_cnn_predictions_identical"]
                             and extra["statistics_relative"] <= STATISTICS_TOLERANCE})
+            announce(protocol, learner, reports[-1])
             official.after_task()
         run.ctx.access.open()
-    return {"learner": learner, "tasks": reports, "agree": all(t["agree"] for t in reports),
-            "official_fix": official_fix or None}
+    return {**profile_result(learner, protocol, reports), "official_fix": official_fix or None}
 
 
 CHECKS["mos"] = check_mos_learner
 BREAKS.update(MOS_BREAKS)
 FIXES.update({fix: ("mos", why) for fix, why in MOS_FIXES.items()})
 PATCHES.extend(MOS_PATCHES)
+P1_LEARNERS.append("mos")
 PROFILE_SETTINGS["mos"] = MOS_SETTINGS
