@@ -472,9 +472,14 @@ def importable(mirror: Path, folder: Path) -> Path:
     return source
 
 
-def same_batches(run: Run, banks: dict[str, Bank], schedule: "Schedule") -> "FakeDataManager":
+def same_batches(run: Run, banks: dict[str, Bank], schedule: "Schedule", module=None) -> "FakeDataManager":
     """PILOT's data manager over the image banks, and pilot's train loader giving the same ``Batches`` over a
-    split's source indices (the memory appended as PILOT appends it)."""
+    split's source indices (the memory appended as PILOT appends it); ``module`` (PILOT's ``models.<learner>``)
+    and ``models.base`` get the schedule's ``DataLoader``, so PILOT's loaders give those batches too."""
+    if module is not None:
+        import models.base
+        for patched in (models.base, module):
+            patched.DataLoader = schedule.loader
     run.ctx.train_loader = lambda split, batch_size, *_, **__: Batches(
         split.indices, split.labels, banks["train"], batch_size, schedule.task, True, pilots=True)
     return FakeDataManager(run, banks)
@@ -768,7 +773,6 @@ def check_profile_learner(learner: str, broken: str = "", tasks: int = TASKS, pr
                           settings: dict | None = None) -> dict:
     """SimpleCIL or RanPAC under pilot's PILOT profile beside PILOT's ``models/<learner>.py`` (on P1 PILOT's
     config as ``tools/lamda_pilot.py`` runs it; RanPAC's adapter dropout off on both sides, as in the tiny check)."""
-    import models.base
     import utils.inc_net as inc_net
     module = __import__(f"models.{learner}", fromlist=["Learner"])
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as patches:
@@ -784,9 +788,7 @@ def check_profile_learner(learner: str, broken: str = "", tasks: int = TASKS, pr
             backbone.out_dim = run.ctx.backbone.feature_dim
             patches.enter_context(mock.patch.object(inc_net, "get_backbone", lambda *_: backbone))
         official = module.Learner(args)
-        for patched in (models.base, module):
-            patched.DataLoader = schedule.loader
-        data_manager = same_batches(run, banks, schedule)
+        data_manager = same_batches(run, banks, schedule, module)
         drawn, lambdas, exact = {}, [], {}
         if learner == "ranpac":
             import pilot.learners.ranpac as ours_module
@@ -977,7 +979,6 @@ def check_prompt_learner(learner: str, broken: str = "", tasks: int = TASKS, off
                          protocol: str = "tiny", settings: dict | None = None) -> dict:
     """L2P or DualPrompt under pilot's PILOT profile beside PILOT's ``models/<learner>.py`` (PILOT with its own
     exps/<learner>.json; on P1 as ``tools/lamda_pilot.py`` runs it)."""
-    import models.base
     import utils.inc_net as inc_net
     from pilot.learners._prompt import class_sorted
     module = __import__(f"models.{learner}", fromlist=["Learner"])
@@ -992,9 +993,7 @@ def check_prompt_learner(learner: str, broken: str = "", tasks: int = TASKS, off
             from backbone.prompt import EPrompt
             patches.enter_context(mock.patch.object(EPrompt, "forward", kv_layout_fixed(EPrompt.forward)))
         official = module.Learner(args)
-        for patched in (models.base, module):
-            patched.DataLoader = schedule.loader
-        data_manager = same_batches(run, banks, schedule)
+        data_manager = same_batches(run, banks, schedule, module)
         ours, theirs = run.learner, official._network.backbone
         with torch.no_grad():  # PILOT's drawn prompts, keys and head into pilot's
             for _, mine, drawn in prompt_pairs(learner, ours, theirs):
@@ -1039,7 +1038,6 @@ def check_adapted_learner(learner: str, broken: str = "", tasks: int = TASKS) ->
     AdaptFormer adapters with a temporary cosine head on the first task (PILOT's drawn adapters and head copied into
     pilot's, dropout off), then FeCAM keeps per class the mean and PILOT's covariance of the adapted features
     (``pilot_covariance``), APER cosine prototypes of the pre-trained and the adapted features concatenated."""
-    import models.base
     import utils.inc_net as inc_net
     from pilot.modules import gaussians
     module = __import__(f"models.{learner}", fromlist=["Learner"])
@@ -1056,9 +1054,7 @@ def check_adapted_learner(learner: str, broken: str = "", tasks: int = TASKS) ->
         torch.manual_seed(1)
         official = module.Learner(args)
         official.save_checkpoint = lambda *_: None
-        for patched in (models.base, module):
-            patched.DataLoader = schedule.loader
-        data_manager = same_batches(run, banks, schedule)
+        data_manager = same_batches(run, banks, schedule, module)
         adapted = official._network.backbone  # PILOT's adapter ViT: APER's second branch once it has trained
         no_adapter_dropout(official, run)
         copy_adapters(official, run, "")
@@ -1146,7 +1142,6 @@ def check_lae_learner(learner: str, broken: str = "", tasks: int = TASKS, protoc
     ``tools/lamda_pilot.py`` runs it): PILOT's drawn PET (online = offline at the start) and each task's drawn head
     rows copied into pilot's, the same batches; after every task both PETs, the head and the ensemble's
     probabilities are compared."""
-    import models.base
     import utils.inc_net as inc_net
     module = __import__(f"models.{learner}", fromlist=["Learner"])
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as patches:
@@ -1157,9 +1152,7 @@ def check_lae_learner(learner: str, broken: str = "", tasks: int = TASKS, protoc
         official = module.Learner(args)
         network = official._network
         network.backbone.out_dim = run.ctx.backbone.feature_dim  # utils/inc_net.py LAE.__init__ sets 768 (ViT-B)
-        for patched in (models.base, module):
-            patched.DataLoader = schedule.loader
-        data_manager = same_batches(run, banks, schedule)
+        data_manager = same_batches(run, banks, schedule, module)
         ours, drawn = run.learner, {}
         with torch.no_grad():  # PILOT's drawn PETs into pilot's
             for _, mine, theirs in lae_pairs(ours, network, 0):

@@ -123,7 +123,6 @@ def check_vpt_learner(learner: str, broken: str = "", tasks: int = TASKS, protoc
     (DeiT-Tiny, CIFAR-100's subset, PILOT's transforms and augmentation, PILOT's config with P1's keys; ``settings``
     laid over both sides, a cut-down trial)."""
     import models.aper_vpt as module
-    import models.base
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as patches:
         torch.manual_seed(0)
         p1 = protocol == "p1"
@@ -134,9 +133,7 @@ def check_vpt_learner(learner: str, broken: str = "", tasks: int = TASKS, protoc
         vpt_backbones_from_pilots(run, patches)
         torch.manual_seed(1)
         official = module.Learner(args)
-        for patched in (models.base, module):
-            patched.DataLoader = schedule.loader
-        data_manager = same_batches(run, banks, schedule)
+        data_manager = same_batches(run, banks, schedule, module)
         unaugmented_test_mode(data_manager, banks)
         prompted = official._network.backbone  # PILOT's VPT ViT: APER's second branch once it has trained
         loaded_as_pilots(prompted, run)

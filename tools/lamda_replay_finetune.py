@@ -81,7 +81,6 @@ def check_finetuned_learner(learner: str, broken: str = "", tasks: int = TASKS, 
     the task-1 cosine head, the untouched pre-trained branch and the prototypes) and the logits are compared.
     ``protocol`` "p1": P1 itself (DeiT-Tiny, CIFAR-100's subset, PILOT's transforms and augmentation shared, its
     config as ``tools/lamda_pilot.py`` runs it; ``settings`` laid over both sides, a cut-down trial)."""
-    import models.base
     import utils.inc_net as inc_net
     module = __import__(f"models.{learner}", fromlist=["Learner"])
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as patches:
@@ -94,9 +93,7 @@ def check_finetuned_learner(learner: str, broken: str = "", tasks: int = TASKS, 
         patches.enter_context(mock.patch.object(inc_net, "get_backbone", lambda *_, **__: copy.deepcopy(pretrained)))
         torch.manual_seed(1)
         official = module.Learner(args)
-        for patched in (models.base, module):
-            patched.DataLoader = schedule.loader
-        data_manager = same_batches(run, banks, schedule)
+        data_manager = same_batches(run, banks, schedule, module)
         unaugmented_test_mode(data_manager, banks)
         ours, drawn, between = run.learner, {}, None
         if learner == "aper_finetune":

@@ -162,7 +162,6 @@ def check_mos_learner(learner: str = "mos", broken: str = "", tasks: int = TASKS
     ``protocol`` "p1": P1 itself (DeiT-Tiny, CIFAR-100's subset, PILOT's transforms and augmentation shared, its
     config as ``tools/lamda_pilot.py`` runs it, the adapters' dropout 0 on both sides; ``settings`` laid over both
     sides, a cut-down trial)."""
-    import models.base
     import models.mos
     import utils.inc_net as inc_net
     from backbone import vit_mos
@@ -177,9 +176,7 @@ def check_mos_learner(learner: str = "mos", broken: str = "", tasks: int = TASKS
         official = models.mos.Learner(args)
         network = official._network
         network.backbone.out_dim = run.ctx.backbone.feature_dim  # MOSNet.__init__ sets 768 (ViT-B)
-        for patched in (models.base, models.mos):
-            patched.DataLoader = schedule.loader
-        data_manager = same_batches(run, banks, schedule)
+        data_manager = same_batches(run, banks, schedule, models.mos)
         unaugmented_test_mode(data_manager, banks)
         ours, theirs = run.learner, network.backbone
         for adapter in theirs.cur_adapter:

@@ -181,7 +181,6 @@ def check_slca_learner(learner: str, broken: str = "", tasks: int = TASKS, proto
     and the logits are compared. ``protocol`` "p1": P1 itself (DeiT-Tiny, CIFAR-100's subset, PILOT's
     transforms and augmentation shared, its config as ``tools/lamda_pilot.py`` runs it; ``settings`` laid over
     both sides, a cut-down trial)."""
-    import models.base
     import utils.inc_net as inc_net
     from pilot.modules.gaussians import ClassGaussians
     module = __import__(f"models.{learner}", fromlist=["Learner"])
@@ -196,9 +195,7 @@ def check_slca_learner(learner: str, broken: str = "", tasks: int = TASKS, proto
         torch.manual_seed(1)
         official = module.Learner(args)
         official._compute_accuracy = lambda *_: 0.0
-        for patched in (models.base, module):
-            patched.DataLoader = schedule.loader
-        data_manager = same_batches(run, banks, schedule)
+        data_manager = same_batches(run, banks, schedule, module)
         data_manager.dataset_name = "synthetic"
         network, ours, drawn, draws = official._network, run.learner, {}, AlignmentDraws()
         update_fc, incremental_train = network.update_fc, official.incremental_train
